@@ -1,0 +1,239 @@
+"""All-attention layers and language model (Sukhbaatar et al. 2019, arXiv 1907.01470).
+
+One layer class covers the paper's three variants, chosen by the config:
+    all-attention     n_persistent > 0, d_inner = 0:  h <- LN(h + Attn(h))            (no FF)
+    transformer       n_persistent = 0, d_inner > 0:  h <- LN(h + Attn(h)); h <- LN(h + FF(h))
+    attention-only    n_persistent = 0, d_inner = 0:  h <- LN(h + Attn(h))  (ablation, new here)
+Each layer attends over a cache of its own inputs from previous blocks (Transformer-XL style,
+arXiv 1901.02860), trimmed to its learned span (arXiv 1905.07799).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adaptive_span import AdaptiveSpan
+from .attention import attend
+from .config import ModelConfig
+from .persistent_memory import PersistentMemory
+
+Cache = list[Tensor]
+"""One tensor per layer, (B, C_l, d): the layer's inputs from previous blocks (detached)."""
+
+
+@dataclass
+class LMOutput:
+    """What `AllAttentionLM.forward` returns."""
+
+    logprobs: Tensor
+    """Log-probabilities of the next token, (B, M, V)."""
+    cache: Cache
+    """The caches to pass to the next block of the same streams."""
+    span_loss: Tensor
+    """span_loss_coef * S * mean_h(z_h), summed over layers: add it to the training loss only."""
+    loss: Tensor | None = None
+    """Mean negative log-likelihood of `targets` (nats), when targets were given."""
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections (no bias), adaptive span and persistent memory around `attention.attend`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.renorm_eps = config.renorm_eps
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+        self.span = (
+            AdaptiveSpan(config.n_heads, config.attn_span, config.span_ramp, config.span_init)
+            if config.adapt_span
+            else None
+        )
+        self.memory = (
+            PersistentMemory(config.n_heads, config.head_dim, config.n_persistent)
+            if config.n_persistent
+            else None
+        )
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, *, D)
+
+    def forward(self, h: Tensor, context: Tensor, pos: Tensor) -> Tensor:
+        """h: the block (B, M, d); context: L kept cache rows then h (B, L+M, d); pos: (L, D)."""
+        batch, n_queries, d_model = h.shape
+        n_context = context.size(1) - n_queries
+        out = attend(
+            self._heads(self.q_proj(h)),
+            self._heads(self.k_proj(context)),
+            self._heads(self.v_proj(context)),
+            pos,
+            span_mask=self.span.mask(n_context) if self.span is not None else None,
+            mem_key=self.memory.keys() if self.memory is not None else None,
+            mem_val=self.memory.values() if self.memory is not None else None,
+            renorm_eps=self.renorm_eps,
+            dropout=self.dropout,
+            training=self.training,
+        )  # (B, H, M, D)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n_queries, d_model))
+
+
+class FeedForward(nn.Module):
+    """W2 dropout(relu(W1 h + b1)) + b2, the sublayer the all-attention layer replaces."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, config.d_inner)
+        self.fc2 = nn.Linear(config.d_inner, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(h))))
+
+
+class AllAttentionLayer(nn.Module):
+    """A post-norm layer with its cache; all-attention, transformer or ablation by the config.
+
+    The relative-position table is shared by all layers, so it is an argument of `forward`,
+    shape (S, D) with row delta - 1 holding p_delta.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_span = config.attn_span
+        self.adapt_cache = config.adapt_cache
+        self.attn = MultiHeadAttention(config)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.ff = FeedForward(config) if config.d_inner else None
+        self.norm2 = nn.LayerNorm(config.d_model) if config.d_inner else None
+
+    def context_length(self) -> int:
+        """L = S - trim: cached rows the block attends to with the current spans."""
+        span = self.attn.span
+        return self.attn_span - (span.trim_length() if span is not None else 0)
+
+    def cache_size(self) -> int:
+        """C': rows of cache kept after a block (S, or min(S, S - trim + 64) with adapt_cache)."""
+        span = self.attn.span
+        if span is not None and self.adapt_cache:
+            return span.cache_size()
+        return self.attn_span
+
+    def init_cache(self, batch_size: int) -> Tensor:
+        """A zero cache of the current cache size, (B, C', d), like the weights."""
+        weight = self.norm1.weight
+        return weight.new_zeros(batch_size, self.cache_size(), weight.numel())
+
+    def forward(self, h: Tensor, cache: Tensor, pos_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """h: (B, M, d), cache: (B, C, d), pos_emb: (S, D) -> (new h, new cache (B, C', d))."""
+        n_context = self.context_length()
+        cache_size = self.cache_size()  # from the spans as they are before this block
+        n_cached = cache.size(1)
+        if n_cached >= n_context:
+            kept = cache[:, n_cached - n_context :]  # drop the oldest rows
+        else:
+            # Missing oldest rows are zeros (a zero row has key 0 and value 0, no biases).
+            kept = F.pad(cache, (0, 0, n_context - n_cached, 0))
+        context = torch.cat([kept, h], dim=1)  # (B, L+M, d)
+        h_in = h
+        h = self.norm1(h + self.attn(h, context, pos_emb[:n_context]))
+        if self.ff is not None:
+            h = self.norm2(h + self.ff(h))
+        new_cache = torch.cat([cache, h_in.detach()], dim=1)[:, -cache_size:]  # (B, C', d)
+        return h, new_cache
+
+
+class AllAttentionLM(nn.Module):
+    """Character/byte/word language model: embedding, layers with caches, linear + log-softmax."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # N(0, 1), no scaling
+        # Relative positions, shared by every head and layer: row delta - 1 = p_delta, N(0, 1).
+        self.pos_emb = nn.Parameter(torch.randn(config.attn_span, config.head_dim))
+        self.layers = nn.ModuleList(AllAttentionLayer(config) for _ in range(config.n_layers))
+        self.emb_dropout = nn.Dropout(config.emb_dropout)
+        self.out = nn.Linear(config.d_model, config.vocab_size)  # not tied to tok_emb
+
+    def init_cache(self, batch_size: int) -> Cache:
+        """Zero caches for `batch_size` streams, each of its layer's current cache size."""
+        return [layer.init_cache(batch_size) for layer in self.layers]
+
+    def cache_sizes(self) -> list[int]:
+        return [layer.cache_size() for layer in self.layers]
+
+    def forward(
+        self, tokens: Tensor, targets: Tensor | None = None, cache: Cache | None = None
+    ) -> LMOutput:
+        """tokens, targets: (B, M) ids; cache: from `init_cache` or the previous call."""
+        batch = tokens.size(0)
+        if cache is None:
+            cache = self.init_cache(batch)
+        self._check_cache(cache, batch)
+        h = self.emb_dropout(self.tok_emb(tokens))  # (B, M, d)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h, layer_cache = layer(h, layer_cache, self.pos_emb)
+            new_cache.append(layer_cache)
+        h = self.emb_dropout(h)
+        logprobs = F.log_softmax(self.out(h).float(), dim=-1)  # (B, M, V)
+        loss = None
+        if targets is not None:
+            loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten())
+        return LMOutput(logprobs=logprobs, cache=new_cache, span_loss=self.span_loss(), loss=loss)
+
+    def _check_cache(self, cache: Cache, batch: int) -> None:
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        for i, layer_cache in enumerate(cache):
+            if layer_cache.dim() != 3 or layer_cache.size(0) != batch:
+                raise ValueError(
+                    f"cache of layer {i} has shape {tuple(layer_cache.shape)}, "
+                    f"expected ({batch}, C, {self.config.d_model})"
+                )
+            if layer_cache.size(2) != self.config.d_model:
+                raise ValueError(
+                    f"cache of layer {i} has width {layer_cache.size(2)}, "
+                    f"expected {self.config.d_model}"
+                )
+
+    def _spans(self) -> list[AdaptiveSpan]:
+        return [layer.attn.span for layer in self.layers if layer.attn.span is not None]
+
+    def span_loss(self) -> Tensor:
+        """span_loss_coef * S * mean_h(z_h) summed over layers (a zero tensor without spans)."""
+        spans = self._spans()
+        if not spans:
+            return self.pos_emb.new_zeros(())
+        return self.config.span_loss_coef * torch.stack([span.loss() for span in spans]).sum()
+
+    @torch.no_grad()
+    def clamp_spans(self) -> None:
+        """Clamp every span parameter to [0, 1]; call after each optimiser step."""
+        for span in self._spans():
+            span.clamp_()
+
+    def span_stats(self) -> dict[str, float]:
+        """'span_avg': mean over layers of the average span, 'span_max': the largest max span."""
+        spans = self._spans()
+        if not spans:
+            span = float(self.config.attn_span)
+            return {"span_avg": span, "span_max": span}
+        return {
+            "span_avg": sum(span.avg_span() for span in spans) / len(spans),
+            "span_max": float(max(span.max_span() for span in spans)),
+        }
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (each span parameter counted once)."""
+        return sum(p.numel() for p in self.parameters())
