@@ -1,2 +1,21 @@
-"""allattn: All-attention networks with persistent memory (arXiv 1907.01470)."""
+"""allattn: All-attention networks with persistent memory (Sukhbaatar et al. 2019, arXiv 1907.01470)."""
+
+from .adaptive_span import AdaptiveSpan
+from .attention import attend
+from .config import ConfigError, ModelConfig
+from .model import AllAttentionLayer, AllAttentionLM, LMOutput
+from .persistent_memory import PersistentMemory
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveSpan",
+    "AllAttentionLM",
+    "AllAttentionLayer",
+    "ConfigError",
+    "LMOutput",
+    "ModelConfig",
+    "PersistentMemory",
+    "__version__",
+    "attend",
+]

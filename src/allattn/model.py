@@ -186,7 +186,10 @@ class AllAttentionLM(nn.Module):
             h, layer_cache = layer(h, layer_cache, self.pos_emb)
             new_cache.append(layer_cache)
         h = self.emb_dropout(h)
-        logprobs = F.log_softmax(self.out(h).float(), dim=-1)  # (B, M, V)
+        logits = self.out(h)  # (B, M, V)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # log-softmax in float32 under autocast
+        logprobs = F.log_softmax(logits, dim=-1)  # (B, M, V)
         loss = None
         if targets is not None:
             loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten())

@@ -1,0 +1,124 @@
+"""A slow reference of DESIGN §2, written from the spec alone: one query at a time, keys gathered
+explicitly by distance. It shares no code with allattn (only the parameter names), so the model
+is tested against an independent reading of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Settings:
+    n_heads: int
+    attn_span: int
+    adapt_span: bool
+    span_ramp: int
+    adapt_cache: bool
+    renorm_eps: float = 1e-8
+    trim: bool = True  # False: attend over all S rows (masked ones get weight 0)
+
+
+def trim_and_cache_size(z: Tensor | None, s: Settings) -> tuple[int, int]:
+    """(trim, C') from DESIGN §2.7, evaluated in float64 from the parameter."""
+    span = s.attn_span
+    if z is None:
+        return 0, span
+    max_span = math.ceil(float(z.detach().max()) * span) + s.span_ramp
+    max_span = max(0, min(span, max_span))
+    trim = math.floor(min(span - 1, span - max_span) / 64) * 64
+    cache_size = min(span, span - trim + 64) if s.adapt_cache else span
+    if not s.trim:
+        trim = 0
+    return trim, cache_size
+
+
+def layer(p: dict[str, Tensor], i: int, x: Tensor, cache: Tensor, s: Settings):
+    """One layer: x (B, M, d), cache (B, C, d) -> (output (B, M, d), new cache)."""
+    pre = f"layers.{i}."
+    batch, n_block, d = x.shape
+    n_heads = s.n_heads
+    head_dim = d // n_heads
+    z = p.get(pre + "attn.span.z")
+    trim, cache_size = trim_and_cache_size(z if s.adapt_span else None, s)
+    n_ctx = s.attn_span - trim
+    n_cached = cache.shape[1]
+    if n_cached >= n_ctx:
+        rows = cache[:, n_cached - n_ctx :]
+    else:
+        rows = torch.cat([cache.new_zeros(batch, n_ctx - n_cached, d), cache], dim=1)
+    ctx = torch.cat([rows, x], dim=1)  # row n_ctx + t is block position t
+
+    w_q = p[pre + "attn.q_proj.weight"]
+    w_k = p[pre + "attn.k_proj.weight"]
+    w_v = p[pre + "attn.v_proj.weight"]
+    w_o = p[pre + "attn.out_proj.weight"]
+    mem_key = p.get(pre + "attn.memory.key")  # (H, D, N), used times sqrt(D)
+    mem_val = p.get(pre + "attn.memory.val")  # (H, N, D), used times sqrt(N)
+    distances = torch.arange(1, n_ctx + 1)
+    pos = p["pos_emb"][:n_ctx]  # row delta - 1 = p_delta
+
+    outs = []
+    for t in range(n_block):
+        seen = n_ctx + t - distances  # rows at distance 1..n_ctx, never t itself
+        q = (x[:, t] @ w_q.T).view(batch, n_heads, head_dim)
+        keys = (ctx[:, seen] @ w_k.T).view(batch, n_ctx, n_heads, head_dim)
+        vals = (ctx[:, seen] @ w_v.T).view(batch, n_ctx, n_heads, head_dim)
+        scores = torch.einsum("bhe,bjhe->bhj", q, keys) + torch.einsum("bhe,je->bhj", q, pos)
+        scores = scores / math.sqrt(head_dim)
+        if mem_key is not None:
+            pers_keys = mem_key * math.sqrt(head_dim)
+            pers = torch.einsum("bhe,hen->bhn", q, pers_keys) / math.sqrt(head_dim)
+            scores = torch.cat([scores, pers], dim=-1)
+        a = torch.softmax(scores, dim=-1)
+        a_ctx, a_pers = a[..., :n_ctx], a[..., n_ctx:]
+        if s.adapt_span:
+            m = (z[:, None] * s.attn_span - (distances[None, :] - 1)) / s.span_ramp + 1
+            m = torch.clamp(m, 0, 1)  # (H, L)
+            a_ctx = a_ctx * m
+            total = a_ctx.sum(-1, keepdim=True) + a_pers.sum(-1, keepdim=True) + s.renorm_eps
+            a_ctx = a_ctx / total
+            a_pers = a_pers / total
+        o = torch.einsum("bhj,bjhe->bhe", a_ctx, vals)
+        if mem_val is not None:
+            n_mem = mem_val.shape[1]
+            o = o + torch.einsum("bhn,hne->bhe", a_pers, mem_val * math.sqrt(n_mem))
+        outs.append(o.reshape(batch, d) @ w_o.T)
+    attn = torch.stack(outs, dim=1)
+
+    h = F.layer_norm(x + attn, (d,), p[pre + "norm1.weight"], p[pre + "norm1.bias"], 1e-5)
+    if pre + "ff.fc1.weight" in p:
+        hidden = torch.relu(h @ p[pre + "ff.fc1.weight"].T + p[pre + "ff.fc1.bias"])
+        ff = hidden @ p[pre + "ff.fc2.weight"].T + p[pre + "ff.fc2.bias"]
+        h = F.layer_norm(h + ff, (d,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], 1e-5)
+    keep = min(cache_size, n_cached + n_block)
+    new_cache = torch.cat([cache, x], dim=1)[:, n_cached + n_block - keep :].detach()
+    return h, new_cache
+
+
+def lm(p: dict[str, Tensor], tokens: Tensor, targets: Tensor, caches: list[Tensor], s: Settings):
+    """The LM on one block: returns (logprobs (B, M, V), mean NLL, new caches)."""
+    n_layers = len(caches)
+    h = p["tok_emb.weight"][tokens]
+    new_caches = []
+    for i in range(n_layers):
+        h, c = layer(p, i, h, caches[i], s)
+        new_caches.append(c)
+    logits = h @ p["out.weight"].T + p["out.bias"]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    nll = -logprobs.gather(-1, targets[..., None]).mean()
+    return logprobs, nll, new_caches
+
+
+def initial_caches(p: dict[str, Tensor], n_layers: int, batch: int, d: int, s: Settings):
+    caches = []
+    for i in range(n_layers):
+        z = p.get(f"layers.{i}.attn.span.z")
+        _, cache_size = trim_and_cache_size(z if s.adapt_span else None, s)
+        caches.append(torch.zeros(batch, cache_size, d, dtype=p["pos_emb"].dtype))
+    return caches
