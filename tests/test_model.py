@@ -198,7 +198,7 @@ def test_one_block_of_2m_equals_two_blocks_of_m():
         torch.testing.assert_close(halves, whole.logprobs, rtol=0, atol=1e-12)
         torch.testing.assert_close((first.loss + second.loss) / 2, whole.loss, rtol=0, atol=1e-12)
         for a, b in zip(whole.cache, second.cache, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("eps,tol", [(0.0, 1e-12), (1e-8, 1e-6)])
