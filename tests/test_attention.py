@@ -55,9 +55,13 @@ def test_position_vector_of_distance_delta_meets_the_key_at_delta():
     i = M - 1
     rows = n_context + i - torch.arange(1, n_context + 1)
     scores = torch.einsum("bhe,bhje->bhj", q[:, :, i], k[:, :, rows]) + q[:, :, i] @ pos.T
-    scores = torch.cat([scores * scale, torch.einsum("bhe,hne->bhn", q[:, :, i], mem[0]) * scale], -1)
+    scores = torch.cat(
+        [scores * scale, torch.einsum("bhe,hne->bhn", q[:, :, i], mem[0]) * scale], -1
+    )
     w = scores.softmax(-1)
-    expected = torch.einsum("bhj,bhje->bhe", w[..., :n_context], v[:, :, rows]) + torch.einsum("bhn,hne->bhe", w[..., n_context:], mem[1])
+    expected = torch.einsum("bhj,bhje->bhe", w[..., :n_context], v[:, :, rows]) + torch.einsum(
+        "bhn,hne->bhe", w[..., n_context:], mem[1]
+    )
     torch.testing.assert_close(base[:, :, i], expected, rtol=0, atol=1e-12)
 
 
@@ -74,7 +78,9 @@ def test_weights_sum_to_one_up_to_the_epsilon(n_mem, eps):
         span.z.copy_(torch.tensor([0.1, 0.6]))
     total = run(q, k, ones, pos, mem_ones, span.mask(n_context), eps)  # = sum of the weights
     assert (total <= 1 + 1e-15).all()
-    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-12 if eps == 0 else 1e-6)
+    torch.testing.assert_close(
+        total, torch.ones_like(total), rtol=0, atol=1e-12 if eps == 0 else 1e-6
+    )
     if eps:
         assert (total < 1).all()  # the epsilon is really in the denominator
     no_span = run(q, k, ones, pos, mem_ones)
@@ -95,7 +101,7 @@ def test_persistent_slots_are_not_masked():
 
 @pytest.mark.parametrize("z", [[0.0, 0.0], [0.25, 0.5]], ids=["z=0", "zS-integer"])
 def test_span_gradient_matches_the_design_formula(z):
-    """dL/dz_h = (S/R) sum over keys with unclamped mask in [0, 1] of a_j (g_j - sum_i w_i g_i) / Z."""
+    """dL/dz_h = (S/R) sum_{keys with unclamped mask in [0, 1]} a_j (g_j - sum_i w_i g_i) / Z."""
     n_context, ramp = 24, 4
     q, k, v, pos, mem = inputs(n_context)
     span = AdaptiveSpan(H, n_context, ramp, 0.0).double()
@@ -110,7 +116,10 @@ def test_span_gradient_matches_the_design_formula(z):
     unclamped = (span.z.detach()[:, None] * n_context - (distance - 1)) / ramp + 1  # (H, L)
     m = unclamped.clamp(0, 1)
     in_range = (unclamped >= 0) & (unclamped <= 1)
-    expected, without_zero_mask = torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+    expected, without_zero_mask = (
+        torch.zeros(H, dtype=torch.float64),
+        torch.zeros(H, dtype=torch.float64),
+    )
     for i in range(M):
         rows = n_context + i - distance.long()
         s = (torch.einsum("bhe,bhje->bhj", q[:, :, i], k[:, :, rows]) + q[:, :, i] @ pos.T) * scale

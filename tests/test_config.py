@@ -10,7 +10,10 @@ from allattn import ConfigError, ModelConfig
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(n_heads=6, d_model=512), r"--model.n_heads \(6\) must divide --model.d_model \(512\)"),
+        (
+            dict(n_heads=6, d_model=512),
+            r"--model.n_heads \(6\) must divide --model.d_model \(512\)",
+        ),
         (dict(n_layers=0), r"--model.n_layers \(0\) must be a positive integer"),
         (dict(n_persistent=-1), r"--model.n_persistent \(-1\) must be a non-negative integer"),
         (dict(span_init=1.5), r"--model.span_init \(1.5\) must be in \[0, 1\]"),
@@ -30,6 +33,6 @@ def test_round_trip_and_unknown_fields():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.kind == "transformer" and ModelConfig().kind == "all-attention"
     assert ModelConfig(n_persistent=0).kind == "attention-only"
-    with pytest.raises(ConfigError, match="unknown model config field.*nb_layers"):
+    with pytest.raises(ConfigError, match=r"unknown model config field.*nb_layers"):
         ModelConfig.from_dict({"nb_layers": 3})
     assert cfg.head_dim == 64

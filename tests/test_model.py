@@ -1,4 +1,4 @@
-"""The model equals the slow reference of DESIGN §2 (float64): outputs, losses, caches, gradients."""
+"""The model equals the slow reference of DESIGN §2 in float64: outputs, loss, caches, gradients."""
 
 from __future__ import annotations
 
@@ -214,7 +214,9 @@ def test_trimming_changes_nothing(eps, tol):
         for _ in range(3):
             seq = torch.randint(0, VOCAB, (2, 9), generator=gen)
             out = model(seq[:, :-1], seq[:, 1:], cache)
-            logprobs, _, ref_cache = reference.lm(params, seq[:, :-1], seq[:, 1:], ref_cache, untrimmed)
+            logprobs, _, ref_cache = reference.lm(
+                params, seq[:, :-1], seq[:, 1:], ref_cache, untrimmed
+            )
             cache = out.cache
             # Relative tolerance on probabilities = absolute tolerance on log-probabilities.
             torch.testing.assert_close(out.logprobs, logprobs, rtol=0, atol=tol)

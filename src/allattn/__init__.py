@@ -1,5 +1,6 @@
-"""allattn: All-attention networks with persistent memory (Sukhbaatar et al. 2019, arXiv 1907.01470)."""
+"""allattn: All-attention networks with persistent memory (Sukhbaatar et al., arXiv 1907.01470)."""
 
+from . import checkpoint
 from .adaptive_span import AdaptiveSpan
 from .attention import attend
 from .config import ConfigError, ModelConfig
@@ -18,4 +19,5 @@ __all__ = [
     "PersistentMemory",
     "__version__",
     "attend",
+    "checkpoint",
 ]

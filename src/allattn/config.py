@@ -1,4 +1,4 @@
-"""Typed, validated configuration objects; one set of names for code, CLI, presets and checkpoints."""
+"""Typed, validated configuration; one set of names for code, CLI, presets and checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Persistent memory (Sukhbaatar et al. 2019, arXiv 1907.01470, §4): learned key/value vectors per head.
+"""Persistent memory (arXiv 1907.01470, §4): learned key/value vectors for every head.
 
 Every head has N input-independent key/value pairs that are appended to the context and share
 its softmax. They are stored reparametrised: `key` (H, D, N) ~ N(0, 1/D) and `val` (H, N, D) ~

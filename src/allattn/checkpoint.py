@@ -1,0 +1,162 @@
+"""Self-describing, pickle-free, atomically written checkpoints (safetensors).
+
+One `.safetensors` file holds the weights under `model.` and, in its JSON metadata, the format
+version, the full `ModelConfig`, the vocabulary and free-form facts (`meta`: step, source, ...).
+Loading rebuilds the model from the file alone. Writes go to a temporary file in the same
+directory, are fsynced and then renamed over the target, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .data import Vocabulary, VocabularyError
+from .model import AllAttentionLM
+
+FORMAT = "allattn-checkpoint"
+VERSION = 1
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or does not match the model."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, Tensor]
+    vocab: Vocabulary | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> AllAttentionLM:
+        """The model with these weights (dtype as stored, on the CPU, in eval mode)."""
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = AllAttentionLM(self.config)
+        missing, unexpected = _compare_keys(model.state_dict(), self.weights)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint weights do not match its config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        for name, tensor in model.state_dict().items():
+            if tensor.shape != self.weights[name].shape:
+                raise CheckpointError(
+                    f"checkpoint weight {name} has shape {tuple(self.weights[name].shape)}, "
+                    f"the config needs {tuple(tensor.shape)}"
+                )
+        model.load_state_dict(self.weights, assign=True)
+        return model.eval()
+
+
+def _compare_keys(expected: dict[str, Tensor], found: dict[str, Tensor]):
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(
+    path: str | Path,
+    model: AllAttentionLM,
+    *,
+    vocab: Vocabulary | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Save the model's weights, config, vocabulary and `meta` (JSON-serialisable) to `path`."""
+    if vocab is not None and len(vocab) != model.config.vocab_size:
+        raise CheckpointError(
+            f"vocabulary has {len(vocab)} tokens, the model {model.config.vocab_size}"
+        )
+    tensors = {
+        MODEL_PREFIX + name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "vocab": json.dumps(vocab.to_dict() if vocab is not None else None, ensure_ascii=False),
+        "meta": json.dumps(meta or {}),
+    }
+    atomic_write_bytes(path, save_tensors(tensors, metadata=metadata))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header.
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(size))
+    return header.get("__metadata__") or {}
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint (tensors on the CPU). Errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        metadata = _read_metadata(path)
+        tensors = load_tensors(path.read_bytes())
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({error})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an allattn checkpoint")
+    if metadata.get("version") != str(VERSION):
+        raise CheckpointError(
+            f"{path}: checkpoint format version {metadata.get('version')}, "
+            f"this allattn reads version {VERSION}"
+        )
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        vocab_values = json.loads(metadata["vocab"])
+        vocab = Vocabulary.from_dict(vocab_values) if vocab_values is not None else None
+        meta = json.loads(metadata["meta"])
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, VocabularyError) as error:
+        raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
+    weights = {
+        name.removeprefix(MODEL_PREFIX): t
+        for name, t in tensors.items()
+        if name.startswith(MODEL_PREFIX)
+    }
+    return Checkpoint(config=config, weights=weights, vocab=vocab, meta=meta)
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[AllAttentionLM, Checkpoint]:
+    """The model stored in `path` (in eval mode) and the checkpoint it came from."""
+    checkpoint = load(path)
+    return checkpoint.build_model().to(device), checkpoint

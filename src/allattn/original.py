@@ -1,0 +1,279 @@
+"""Import checkpoints written by the authors' original adaptive-span / all-attention code.
+
+The original saves `torch.save({'model': state_dict, 'optimizer': ..., 'logger': ..., 'iter_no':
+..., 'scheduler_iter': ...})` with the model wrapped (keys start with `module.`). Its token ids
+follow the order of first appearance in its prepared `train.txt` (whitespace-separated tokens,
+`<eos>` after every line): enwik8 bytes written as decimal numbers, text8 characters with space
+written as `_`. This module maps those weights and ids onto an `AllAttentionLM` and a
+`Vocabulary`; options the file cannot tell (dropout, span ramp, span loss, adaptive cache) come
+from `ImportOptions`, whose defaults are the original's command-line defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import checkpoint
+from .config import ConfigError, ModelConfig
+from .data import EOS, Vocabulary, VocabularyError
+
+WRAPPER_PREFIX = "module."
+SPAN = "attn.attn.adaptive_span._mask"
+MEMORY = "attn.attn.persistent_memory"
+MEMORY_SPAN = "attn.attn.persistent_memory.adaptive_span._mask"
+
+
+class OriginalFormatError(ValueError):
+    """The file is not a checkpoint of the original code, or does not match the vocabulary."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    """Settings a checkpoint of the original code does not record (the original's defaults)."""
+
+    dropout: float = 0.2
+    emb_dropout: float = 0.0
+    span_ramp: int = 32
+    span_loss_coef: float = 0.0
+    adapt_cache: bool = False
+
+
+def read_original_vocabulary(train_txt: str | Path) -> list[str]:
+    """Token strings in the original's id order: first appearance, `<eos>` after every line."""
+    order: dict[str, None] = {}
+    with open(train_txt, encoding="utf-8") as f:  # universal newlines, as the original
+        for line in f:
+            order.update(dict.fromkeys(line.split()))
+            order[EOS] = None
+    return list(order)
+
+
+def infer_level(tokens: list[str]) -> str:
+    """'byte' for decimal byte values (enwik8), 'char' for single characters (text8), or 'word'."""
+    plain = [t for t in tokens if t != EOS]
+    if plain and all(t.isdecimal() and int(t) <= 255 for t in plain):
+        return "byte"
+    if all(len(t) == 1 for t in plain):
+        return "char"
+    return "word"
+
+
+def to_allattn_token(token: str, level: str) -> str:
+    """The original's token string as allattn writes it (see `allattn.data`)."""
+    if token == EOS or level == "word":
+        return token
+    if level == "byte":
+        if not (token.isdecimal() and int(token) <= 255):
+            raise OriginalFormatError(f"byte-level token {token!r} is not a byte value 0..255")
+        return chr(int(token))
+    if len(token) != 1:
+        raise OriginalFormatError(f"character-level token {token!r} is not one character")
+    return " " if token == "_" else token
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise OriginalFormatError(f"original checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling, zip and torch errors alike
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OriginalFormatError(
+            f"{path}: cannot be read as an original checkpoint ({reason})"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise OriginalFormatError(f"{path}: no 'model' state dict (not an original checkpoint)")
+    return state
+
+
+def convert_state_dict(
+    state: dict[str, Tensor], options: ImportOptions = ImportOptions()
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The original's model state dict -> (ModelConfig, allattn weights), ids unchanged."""
+    state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
+
+    def take(name: str) -> Tensor:
+        try:
+            return state.pop(name)
+        except KeyError:
+            raise OriginalFormatError(f"original state dict has no '{name}'") from None
+
+    weights: dict[str, Tensor] = {}
+    weights["tok_emb.weight"] = take("in_emb.weight")
+    vocab_size, d_model = weights["tok_emb.weight"].shape
+    weights["out.weight"] = take("out_emb.weight")
+    weights["out.bias"] = take("out_emb.bias")
+    key_pe = take("key_pe")  # (1, D, S): column S - delta is the vector for distance delta
+    if key_pe.dim() != 3 or key_pe.size(0) != 1:
+        raise OriginalFormatError(f"key_pe has shape {tuple(key_pe.shape)}, expected (1, D, S)")
+    head_dim, attn_span = key_pe.shape[1:]
+    if d_model % head_dim:
+        raise OriginalFormatError(f"key_pe width {head_dim} does not divide d_model {d_model}")
+    n_heads = d_model // head_dim
+    weights["pos_emb"] = key_pe[0].t().flip(0).contiguous()  # (S, D): row delta - 1
+
+    layer_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
+    if layer_ids != list(range(len(layer_ids))) or not layer_ids:
+        raise OriginalFormatError(f"original state dict has layers {layer_ids}")
+    spans, memories, inners = set(), set(), set()
+    for i in layer_ids:
+        src, dst = f"layers.{i}.", f"layers.{i}."
+        for original, ours in (("query", "q"), ("key", "k"), ("val", "v"), ("out", "out")):
+            weights[f"{dst}attn.{ours}_proj.weight"] = take(f"{src}attn.proj_{original}.weight")
+        has_span = f"{src}{SPAN}.current_val" in state
+        spans.add(has_span)
+        if has_span:
+            z = take(f"{src}{SPAN}.current_val")
+            weights[f"{dst}attn.span.z"] = z.reshape(-1).clone()
+            state.pop(f"{src}{SPAN}.mask_template", None)  # a constant, rebuilt from S
+            if f"{src}{MEMORY_SPAN}.current_val" in state:  # the same parameter, listed twice
+                if not torch.equal(take(f"{src}{MEMORY_SPAN}.current_val"), z):
+                    raise OriginalFormatError(f"layer {i}: the two copies of the span differ")
+                state.pop(f"{src}{MEMORY_SPAN}.mask_template", None)
+        n_persistent = 0
+        if f"{src}{MEMORY}.key" in state:
+            weights[f"{dst}attn.memory.key"] = take(f"{src}{MEMORY}.key")
+            weights[f"{dst}attn.memory.val"] = take(f"{src}{MEMORY}.val")
+            n_persistent = weights[f"{dst}attn.memory.key"].size(2)
+        memories.add(n_persistent)
+        for name in ("weight", "bias"):
+            weights[f"{dst}norm1.{name}"] = take(f"{src}norm1.{name}")
+        d_inner = 0
+        if f"{src}ff.fc1.weight" in state:
+            d_inner = state[f"{src}ff.fc1.weight"].size(0)
+            if d_inner == 0:
+                raise OriginalFormatError(
+                    "the original's d_inner = 0 layer computes LN(LN(h + Attn) + b2), which "
+                    "allattn does not model (its attention-only ablation has no second norm)"
+                )
+            for part in ("ff.fc1", "ff.fc2", "norm2"):
+                for name in ("weight", "bias"):
+                    weights[f"{dst}{part}.{name}"] = take(f"{src}{part}.{name}")
+        inners.add(d_inner)
+    if len(spans) > 1 or len(memories) > 1 or len(inners) > 1:
+        raise OriginalFormatError("layers differ in adaptive span, persistent memory or FF size")
+    if state:
+        raise OriginalFormatError(
+            f"unexpected entries in the original state dict: {sorted(state)[:5]}"
+        )
+
+    try:
+        config = ModelConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_layers=len(layer_ids),
+            n_persistent=memories.pop(),
+            d_inner=inners.pop(),
+            attn_span=attn_span,
+            adapt_span=spans.pop(),
+            span_ramp=options.span_ramp,
+            span_init=0.0,
+            span_loss_coef=options.span_loss_coef,
+            adapt_cache=options.adapt_cache,
+            dropout=options.dropout,
+            emb_dropout=options.emb_dropout,
+        )
+    except ConfigError as error:
+        raise OriginalFormatError(f"cannot build a model for this checkpoint: {error}") from None
+    return config, weights
+
+
+def permute_vocabulary(
+    weights: dict[str, Tensor], source: Vocabulary, target: Vocabulary
+) -> dict[str, Tensor]:
+    """Reorder the embedding and output rows from `source` ids to `target` ids."""
+    if source.level != target.level:
+        raise OriginalFormatError(
+            f"the original vocabulary is {source.level}-level, the given one {target.level}-level"
+        )
+    missing = [t for t in target.tokens if t not in source]
+    extra = [t for t in source.tokens if t not in target]
+    if missing or extra:
+        token = (missing or extra)[0]
+        where = "in the original's train.txt" if missing else "in the given vocabulary"
+        raise OriginalFormatError(f"token {token!r} is not {where}")
+    order = torch.tensor(source.encode(target.tokens))  # new id i <- original id order[i]
+    permuted = dict(weights)
+    for name in ("tok_emb.weight", "out.weight", "out.bias"):
+        permuted[name] = weights[name][order].contiguous()
+    return permuted
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` if it can be stored as JSON (the original's logger is lists of floats), else None."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+    return value
+
+
+def import_original(
+    path: str | Path,
+    out: str | Path,
+    *,
+    train_txt: str | Path | None = None,
+    vocab: str | Path | None = None,
+    level: str = "auto",
+    options: ImportOptions = ImportOptions(),
+    overwrite: bool = False,
+) -> checkpoint.Checkpoint:
+    """Convert an original checkpoint to an allattn checkpoint at `out`, and return it.
+
+    `train_txt` (the original's prepared training file) gives the original's id order;
+    `vocab` (an allattn vocabulary JSON) the order wanted. With only `vocab`, the original's
+    ids are taken to be in that order already (true for allattn's own enwik8/text8 preparation,
+    which numbers tokens by first appearance too).
+    """
+    path, out = Path(path), Path(out)
+    if train_txt is None and vocab is None:
+        raise OriginalFormatError("give --train-txt (the original's train.txt) or --vocab")
+    if out.exists() and not overwrite:
+        raise OriginalFormatError(f"{out} exists; pass --force to replace it")
+    raw = _load(path)
+    config, weights = convert_state_dict(raw["model"], options)
+
+    source = target = None
+    try:
+        if train_txt is not None:
+            tokens = read_original_vocabulary(train_txt)
+            if len(tokens) != config.vocab_size:
+                raise OriginalFormatError(
+                    f"{train_txt} has {len(tokens)} distinct tokens, the checkpoint "
+                    f"{config.vocab_size}"
+                )
+            chosen = infer_level(tokens) if level == "auto" else level
+            source = Vocabulary(tuple(to_allattn_token(t, chosen) for t in tokens), chosen)
+        if vocab is not None:
+            target = Vocabulary.load(vocab)
+            if len(target) != config.vocab_size:
+                raise OriginalFormatError(
+                    f"{vocab} has {len(target)} tokens, the checkpoint {config.vocab_size}"
+                )
+    except VocabularyError as error:
+        raise OriginalFormatError(str(error)) from None
+    if source is not None and target is not None:
+        weights = permute_vocabulary(weights, source, target)
+    result = checkpoint.Checkpoint(
+        config=config,
+        weights=weights,
+        vocab=target or source,
+        meta={
+            "source": "original",
+            "original_file": path.name,
+            "iter_no": _jsonable(raw.get("iter_no")),
+            "scheduler_iter": _jsonable(raw.get("scheduler_iter")),
+            "logger": _jsonable(raw.get("logger")),
+        },
+    )
+    model = result.build_model()  # checks every shape against the inferred config
+    checkpoint.save(out, model, vocab=result.vocab, meta=result.meta)
+    return result

@@ -1,0 +1,71 @@
+"""Checkpoints: round trip, atomic writes, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allattn import AllAttentionLM, ModelConfig, checkpoint
+from allattn.checkpoint import CheckpointError
+from allattn.cli import main
+from allattn.data import Vocabulary
+
+CFG = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=1, n_persistent=3, attn_span=16)
+VOCAB = Vocabulary((*tuple("abc\n"), "<eos>"), "char")
+
+
+def test_round_trip(tmp_path):
+    model = AllAttentionLM(CFG)
+    path = tmp_path / "sub" / "m.safetensors"
+    checkpoint.save(path, model, vocab=VOCAB, meta={"step": 7})
+    loaded, ckpt = checkpoint.load_model(path)
+    assert ckpt.config == CFG and ckpt.vocab == VOCAB and ckpt.meta == {"step": 7}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+    assert not loaded.training
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temp files left
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, AllAttentionLM(CFG))
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        checkpoint.save(path, AllAttentionLM(CFG), meta={"bad": object()})
+    assert path.read_bytes() == before
+    with pytest.raises(CheckpointError, match="vocabulary has 5 tokens, the model 6"):
+        checkpoint.save(path, AllAttentionLM(CFG.replace(vocab_size=6)), vocab=VOCAB)
+    assert path.read_bytes() == before
+
+
+def test_bad_files_give_one_line_errors(tmp_path, capsys):
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(good, AllAttentionLM(CFG))
+    data = good.read_bytes()
+    cases = {
+        "missing.safetensors": None,
+        "empty.safetensors": b"",
+        "truncated.safetensors": data[: len(data) // 2],
+        "text.safetensors": b"hello world, this is not a checkpoint",
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(CheckpointError):
+            checkpoint.load(path)
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and name in err
+
+
+def test_weights_that_do_not_match_the_config_are_rejected(tmp_path):
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, AllAttentionLM(CFG))
+    ckpt = checkpoint.load(path)
+    ckpt.config = CFG.replace(n_persistent=4)
+    with pytest.raises(CheckpointError, match="has shape"):
+        ckpt.build_model()
+    ckpt.config = CFG.replace(n_layers=2)
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.build_model()

@@ -1,0 +1,256 @@
+"""Importing checkpoints of the original code, built here from the documented layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from allattn import AllAttentionLM, ModelConfig, checkpoint
+from allattn.cli import main
+from allattn.data import EOS, Vocabulary
+from allattn.original import infer_level, read_original_vocabulary, to_allattn_token
+
+# A small "enwik8": bytes, the newline byte is <eos>; one non-ASCII character (2 bytes).
+CORPUS = "ab ca\nbé d\n\nab\n".encode()
+
+
+def original_train_txt(path):
+    """The original's prepared train.txt: decimal byte values, newline byte = line break."""
+    lines = CORPUS.split(b"\n")[:-1]
+    path.write_text("".join(" ".join(str(b) for b in line) + "\n" for line in lines))
+    return path
+
+
+def allattn_vocab() -> Vocabulary:
+    """allattn's byte vocabulary, deliberately in another order than the original's."""
+    tokens = [*sorted({chr(b) for b in CORPUS if b != 10}), EOS]
+    return Vocabulary(tuple(reversed(tokens)), "byte")
+
+
+def config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=len(allattn_vocab()),
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        n_persistent=5,
+        attn_span=96,
+        span_ramp=32,
+        dropout=0.2,
+        adapt_cache=False,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def make_model(cfg: ModelConfig) -> AllAttentionLM:
+    torch.manual_seed(0)
+    model = AllAttentionLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # spans, norms and biases away from their init
+        for layer in model.layers:
+            if layer.attn.span is not None:
+                layer.attn.span.z.uniform_(0, 1)
+    return model
+
+
+def original_state_dict(model: AllAttentionLM, vocab: Vocabulary, original_tokens: list[str]):
+    """What the original code's `model.state_dict()` holds for the same network (DESIGN §2)."""
+    cfg = model.config
+    src = {n: p.detach().clone() for n, p in model.named_parameters()}
+    perm = torch.tensor([vocab.id(to_allattn_token(t, "byte")) for t in original_tokens])
+    sd = {
+        "module.in_emb.weight": src["tok_emb.weight"][perm],
+        "module.out_emb.weight": src["out.weight"][perm],
+        "module.out_emb.bias": src["out.bias"][perm],
+    }
+    # key_pe (1, D, S): column S - delta holds p_delta.
+    key_pe = torch.empty(1, cfg.head_dim, cfg.attn_span)
+    for delta in range(1, cfg.attn_span + 1):
+        key_pe[0, :, cfg.attn_span - delta] = src["pos_emb"][delta - 1]
+    sd["module.key_pe"] = key_pe
+    for i in range(cfg.n_layers):
+        o, a = f"module.layers.{i}.", f"layers.{i}."
+        for orig, ours in (("query", "q"), ("key", "k"), ("val", "v"), ("out", "out")):
+            sd[f"{o}attn.proj_{orig}.weight"] = src[f"{a}attn.{ours}_proj.weight"]
+        if cfg.adapt_span:
+            z = src[f"{a}attn.span.z"].view(cfg.n_heads, 1, 1)
+            template = torch.linspace(1 - cfg.attn_span, 0, steps=cfg.attn_span)
+            sd[f"{o}attn.attn.adaptive_span._mask.current_val"] = z
+            sd[f"{o}attn.attn.adaptive_span._mask.mask_template"] = template
+            if cfg.n_persistent:
+                sd[f"{o}attn.attn.persistent_memory.adaptive_span._mask.current_val"] = z
+                sd[f"{o}attn.attn.persistent_memory.adaptive_span._mask.mask_template"] = template
+        if cfg.n_persistent:
+            sd[f"{o}attn.attn.persistent_memory.key"] = src[f"{a}attn.memory.key"]
+            sd[f"{o}attn.attn.persistent_memory.val"] = src[f"{a}attn.memory.val"]
+        for part in ("norm1", "ff.fc1", "ff.fc2", "norm2") if cfg.d_inner else ("norm1",):
+            sd[f"{o}{part}.weight"] = src[f"{a}{part}.weight"]
+            sd[f"{o}{part}.bias"] = src[f"{a}{part}.bias"]
+    return sd
+
+
+def write_original(path, model, vocab, original_tokens, **extra):
+    state = {
+        "model": original_state_dict(model, vocab, original_tokens),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.07, "params": [0, 1]}]},
+        "logger": {"step": [1000.0, 2000.0], "train_bpc": [2.5, 2.1]},
+        "iter_no": 1,
+        "scheduler_iter": 2000,
+    }
+    state.update(extra)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    train = original_train_txt(tmp_path / "train.txt")
+    vocab_path = tmp_path / "vocab.json"
+    allattn_vocab().save(vocab_path)
+    return tmp_path, train, vocab_path
+
+
+def test_original_vocabulary_order_and_levels(files):
+    _, train, _ = files
+    tokens = read_original_vocabulary(train)
+    assert tokens == ["97", "98", "32", "99", EOS, "195", "169", "100"]
+    assert infer_level(tokens) == "byte"
+    assert infer_level(["t", "_", "h", EOS]) == "char"
+    assert infer_level(["the", "cat", EOS]) == "word"
+    assert [to_allattn_token(t, "byte") for t in ("97", "32", EOS)] == ["a", " ", EOS]
+    assert to_allattn_token("_", "char") == " "
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"n_persistent": 0, "d_inner": 24}, {"adapt_span": False}],
+    ids=["all-attention", "ff-baseline", "no-span"],
+)
+def test_import_with_permuted_vocabulary_reproduces_the_model(files, changes, capsys):
+    tmp, train, vocab_path = files
+    cfg = config(**changes)
+    model = make_model(cfg)
+    original_tokens = read_original_vocabulary(train)
+    assert original_tokens != [  # the test is only meaningful if the orders differ
+        str(ord(t)) if t != EOS else EOS for t in allattn_vocab().tokens
+    ]
+    original = write_original(tmp / "model.pt", model, allattn_vocab(), original_tokens)
+    out = tmp / "imported.safetensors"
+    argv = ["import-original", str(original), str(out), "--train-txt", str(train)]
+    assert main([*argv, "--vocab", str(vocab_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    imported, ckpt = checkpoint.load_model(out)
+    assert ckpt.config == cfg  # dropout 0.2, ramp 32, no adaptive cache: the original's defaults
+    assert ckpt.vocab == allattn_vocab()
+    assert ckpt.meta["iter_no"] == 1 and ckpt.meta["logger"]["train_bpc"] == [2.5, 2.1]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(imported.state_dict()[name], tensor, rtol=0, atol=0)
+    # The position table by distance: p_1 was the last key_pe column, p_S the first.
+    key_pe = torch.load(original, weights_only=True)["model"]["module.key_pe"]
+    torch.testing.assert_close(imported.pos_emb[0], key_pe[0, :, -1], rtol=0, atol=0)
+    torch.testing.assert_close(imported.pos_emb[-1], key_pe[0, :, 0], rtol=0, atol=0)
+
+
+def test_import_with_train_txt_only_keeps_the_original_ids(files):
+    tmp, train, _ = files
+    model = make_model(config()).eval()
+    original_tokens = read_original_vocabulary(train)
+    original = write_original(tmp / "model.pt", model, allattn_vocab(), original_tokens)
+    out = tmp / "imported.safetensors"
+    assert main(["import-original", str(original), str(out), "--train-txt", str(train)]) == 0
+    imported, ckpt = checkpoint.load_model(out)
+    assert ckpt.vocab.level == "byte"
+    assert ckpt.vocab.tokens == tuple(to_allattn_token(t, "byte") for t in original_tokens)
+    text = [chr(b) if b != 10 else EOS for b in CORPUS]
+    with torch.no_grad():
+        ours = model(torch.tensor([allattn_vocab().encode(text)])).logprobs
+        theirs = imported(torch.tensor([ckpt.vocab.encode(text)])).logprobs
+    reorder = torch.tensor(ckpt.vocab.encode(allattn_vocab().tokens))
+    torch.testing.assert_close(theirs[..., reorder], ours, rtol=0, atol=1e-6)
+
+
+def test_options_the_file_cannot_tell_come_from_flags(files):
+    tmp, train, vocab_path = files
+    model = make_model(config())
+    original = write_original(tmp / "m.pt", model, allattn_vocab(), read_original_vocabulary(train))
+    out = tmp / "o.safetensors"
+    flags = ["--dropout", "0.3", "--span-ramp", "16", "--span-loss-coef", "1e-7", "--adapt-cache"]
+    assert (
+        main(["import-original", str(original), str(out), "--vocab", str(vocab_path), *flags]) == 0
+    )
+    cfg = checkpoint.load(out).config
+    assert (cfg.dropout, cfg.span_ramp, cfg.span_loss_coef, cfg.adapt_cache) == (
+        0.3,
+        16,
+        1e-7,
+        True,
+    )
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_import_errors_are_one_line_and_keep_existing_files(files, capsys):
+    tmp, train, vocab_path = files
+    model = make_model(config())
+    tokens = read_original_vocabulary(train)
+    original = write_original(tmp / "m.pt", model, allattn_vocab(), tokens)
+    out = tmp / "o.safetensors"
+    out.write_bytes(b"precious")
+
+    def run(*argv):
+        return main(["import-original", *map(str, argv)])
+
+    assert run(original, out, "--vocab", vocab_path) == 2
+    assert "exists" in _error(capsys) and out.read_bytes() == b"precious"
+    out.unlink()
+
+    assert run(tmp / "missing.pt", out, "--vocab", vocab_path) == 2
+    assert "does not exist" in _error(capsys)
+    assert run(original, out) == 2
+    assert "--train-txt" in _error(capsys)
+
+    (tmp / "short.txt").write_text("97 98\n")
+    assert run(original, out, "--train-txt", tmp / "short.txt") == 2
+    assert "has 3 distinct tokens, the checkpoint 8" in _error(capsys)
+
+    (tmp / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert run(tmp / "garbage.pt", out, "--vocab", vocab_path) == 2
+    assert "cannot be read as an original checkpoint" in _error(capsys)
+
+    torch.save({"model": {"x": torch.nn.Linear(2, 2)}}, tmp / "pickled.pt")  # arbitrary object
+    assert run(tmp / "pickled.pt", out, "--vocab", vocab_path) == 2
+    assert "cannot be read as an original checkpoint" in _error(capsys)
+
+    sd = original_state_dict(model, allattn_vocab(), tokens)
+    sd["module.layers.0.attn.extra.weight"] = torch.zeros(1)
+    torch.save({"model": sd}, tmp / "extra.pt")
+    assert run(tmp / "extra.pt", out, "--vocab", vocab_path) == 2
+    assert "unexpected entries" in _error(capsys)
+
+    other = Vocabulary(tuple("xyzwvuts"), "char")
+    other.save(tmp / "other.json")
+    assert run(original, out, "--train-txt", train, "--vocab", tmp / "other.json") == 2
+    assert "byte-level, the given one char-level" in _error(capsys)
+    assert not out.exists()
+
+
+def test_info_describes_an_imported_checkpoint(files, capsys):
+    tmp, train, vocab_path = files
+    model = make_model(config())
+    original = write_original(tmp / "m.pt", model, allattn_vocab(), read_original_vocabulary(train))
+    out = tmp / "o.safetensors"
+    assert main(["import-original", str(original), str(out), "--vocab", str(vocab_path)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == model.num_parameters()
+    assert info["kind"] == "all-attention" and info["vocab_level"] == "byte"
