@@ -65,24 +65,37 @@ def test_position_vector_of_distance_delta_meets_the_key_at_delta():
     torch.testing.assert_close(base[:, :, i], expected, rtol=0, atol=1e-12)
 
 
+def unmasked_softmax(q, k, pos, mem_key, i):
+    """Softmax over [context by distance ; persistent] for query i, before the span mask."""
+    n_context = pos.size(0)
+    rows = n_context + i - torch.arange(1, n_context + 1)
+    s = torch.einsum("bhe,bhje->bhj", q[:, :, i], k[:, :, rows]) + q[:, :, i] @ pos.T
+    parts = [s * D**-0.5]
+    if mem_key is not None:
+        parts.append(torch.einsum("bhe,hne->bhn", q[:, :, i], mem_key) * D**-0.5)
+    a = torch.cat(parts, -1).softmax(-1)
+    return a[..., :n_context], a[..., n_context:], rows
+
+
 @pytest.mark.parametrize("n_mem", [0, N])
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
 def test_weights_sum_to_one_up_to_the_epsilon(n_mem, eps):
     n_context = 40
-    q, _, _, pos, mem = inputs(n_context, n_mem=n_mem)
-    k = torch.randn(B, H, n_context + M, D, dtype=torch.float64)
+    q, k, _, pos, mem = inputs(n_context, n_mem=n_mem)
     ones = torch.ones(B, H, n_context + M, D, dtype=torch.float64)
     mem_ones = (mem[0], torch.ones_like(mem[1])) if n_mem else mem
     span = AdaptiveSpan(H, n_context, 4, 0.0).double()
     with torch.no_grad():
         span.z.copy_(torch.tensor([0.1, 0.6]))
-    total = run(q, k, ones, pos, mem_ones, span.mask(n_context), eps)  # = sum of the weights
-    assert (total <= 1 + 1e-15).all()
-    torch.testing.assert_close(
-        total, torch.ones_like(total), rtol=0, atol=1e-12 if eps == 0 else 1e-6
-    )
+    m = span.mask(n_context).detach()
+    total = run(q, k, ones, pos, mem_ones, m, eps)[..., 0]  # values 1: the sum of the weights
+    for i in range(M):
+        a_ctx, a_mem, _ = unmasked_softmax(q, k, pos, mem[0], i)
+        kept = (a_ctx * m).sum(-1) + a_mem.sum(-1)  # (B, H)
+        torch.testing.assert_close(total[:, :, i], kept / (kept + eps), rtol=0, atol=1e-15)
+        assert (kept < 1).all()  # the mask really removed weight
     if eps:
-        assert (total < 1).all()  # the epsilon is really in the denominator
+        assert (total < 1).all()  # the epsilon is in the denominator
     no_span = run(q, k, ones, pos, mem_ones)
     torch.testing.assert_close(no_span, torch.ones_like(no_span), rtol=0, atol=1e-12)
 
@@ -111,21 +124,14 @@ def test_span_gradient_matches_the_design_formula(z):
     out = run(q, k, v, pos, mem, span.mask(n_context))
     (out * upstream).sum().backward()
 
-    scale = D**-0.5
     distance = torch.arange(1, n_context + 1, dtype=torch.float64)
     unclamped = (span.z.detach()[:, None] * n_context - (distance - 1)) / ramp + 1  # (H, L)
     m = unclamped.clamp(0, 1)
     in_range = (unclamped >= 0) & (unclamped <= 1)
-    expected, without_zero_mask = (
-        torch.zeros(H, dtype=torch.float64),
-        torch.zeros(H, dtype=torch.float64),
-    )
+    expected = torch.zeros(H, dtype=torch.float64)
+    without_zero_mask = torch.zeros(H, dtype=torch.float64)
     for i in range(M):
-        rows = n_context + i - distance.long()
-        s = (torch.einsum("bhe,bhje->bhj", q[:, :, i], k[:, :, rows]) + q[:, :, i] @ pos.T) * scale
-        u = torch.einsum("bhe,hne->bhn", q[:, :, i], mem[0]) * scale
-        a = torch.cat([s, u], -1).softmax(-1)  # before masking
-        a_ctx, a_mem = a[..., :n_context], a[..., n_context:]
+        a_ctx, a_mem, rows = unmasked_softmax(q, k, pos, mem[0], i)
         total = (a_ctx * m).sum(-1) + a_mem.sum(-1) + 1e-8  # (B, H)
         w = torch.cat([a_ctx * m, a_mem], -1) / total[..., None]
         g_ctx = torch.einsum("bhe,bhje->bhj", upstream[:, :, i], v[:, :, rows])
