@@ -116,35 +116,34 @@ def cfg(**changes) -> ModelConfig:
 TRIMMED_AND_FULL = [[0.05, 0.1], [0.7, 0.3]]
 
 
-def test_all_attention_with_span_trimming_and_adaptive_cache():
+CASES = {
+    "all-attention, span trimmed + adaptive cache": dict(config=cfg(), z=TRIMMED_AND_FULL),
+    "all-attention, no span": dict(config=cfg(adapt_span=False, attn_span=20)),
+    "all-attention, no adaptive cache": dict(config=cfg(adapt_cache=False), z=TRIMMED_AND_FULL),
+    "FF baseline": dict(config=cfg(n_persistent=0, d_inner=24), z=TRIMMED_AND_FULL),
+    "FF baseline, no span": dict(
+        config=cfg(n_persistent=0, d_inner=24, adapt_span=False, attn_span=20)
+    ),
+    "ablation (no memory, no FF)": dict(config=cfg(n_persistent=0, d_inner=0), z=TRIMMED_AND_FULL),
+    "memory and FF": dict(config=cfg(n_persistent=6, d_inner=24), z=TRIMMED_AND_FULL),
+    # z = 0, the initial value: m(R + 1) = 0 exactly, and that key still passes gradient to z.
+    "z = 0": dict(config=cfg(), z=[[0.0, 0.0], [0.0, 0.0]]),
+    # z*S integer (48, 24, 96): m(z*S + R + 1) = 0 exactly, same.
+    "z*S integer": dict(config=cfg(), z=[[0.25, 0.125], [0.5, 0.0]]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_equals_reference_over_three_blocks(name):
+    compare(CASES[name]["config"], CASES[name].get("z"), n_blocks=3)
+
+
+def test_trimming_and_adaptive_cache_are_active_in_the_cases():
     model = build(cfg(), TRIMMED_AND_FULL)
     assert [layer.context_length() for layer in model.layers] == [64, 192]
     assert model.cache_sizes() == [128, 192]
-    compare(cfg(), TRIMMED_AND_FULL, n_blocks=3)
-
-
-def test_all_attention_without_span():
-    compare(cfg(adapt_span=False, attn_span=20), n_blocks=3)
-
-
-def test_all_attention_without_adaptive_cache():
-    compare(cfg(adapt_cache=False), TRIMMED_AND_FULL, n_blocks=3)
-
-
-def test_transformer_baseline():
-    compare(cfg(n_persistent=0, d_inner=24), TRIMMED_AND_FULL, n_blocks=3)
-
-
-def test_transformer_baseline_without_span():
-    compare(cfg(n_persistent=0, d_inner=24, adapt_span=False, attn_span=20), n_blocks=3)
-
-
-def test_attention_only_ablation():
-    compare(cfg(n_persistent=0, d_inner=0), TRIMMED_AND_FULL, n_blocks=3)
-
-
-def test_hybrid_memory_and_feed_forward():
-    compare(cfg(n_persistent=6, d_inner=24), TRIMMED_AND_FULL, n_blocks=3)
+    model = build(cfg(), [[0.0, 0.0], [0.25, 0.5]])
+    assert [layer.context_length() for layer in model.layers] == [64, 128]
 
 
 def test_cache_shorter_than_needed_is_left_padded():
@@ -165,18 +164,6 @@ def test_cache_longer_than_needed_drops_oldest_rows():
     torch.manual_seed(4)
     long = [torch.randn(2, 300, 16, dtype=torch.float64) for _ in range(2)]
     compare(cfg(), TRIMMED_AND_FULL, n_blocks=2, cache=long)
-
-
-@pytest.mark.parametrize(
-    "z",
-    [
-        [[0.0, 0.0], [0.0, 0.0]],  # the initial value: m(R + 1) = 0 exactly
-        [[0.25, 0.125], [0.5, 0.0]],  # z*S integer (48, 24, 96): m(z*S + R + 1) = 0 exactly
-    ],
-    ids=["z=0", "zS-integer"],
-)
-def test_span_gradient_at_exact_zero_mask(z):
-    compare(cfg(), z, n_blocks=3)
 
 
 def test_initial_cache_is_zeros_of_cache_size():
@@ -292,3 +279,10 @@ def test_dropout_changes_training_only():
     model.train()
     c = model(seq[:, :-1], seq[:, 1:]).loss
     assert c.item() != a.item()
+
+
+if __name__ == "__main__":
+    # `python tests/test_model.py`: the largest differences to the reference, for the README.
+    for name, case in CASES.items():
+        found = compare(case["config"], case.get("z"))
+        print(f"{name:46s}" + "  ".join(f"{k} {v:.1e}" for k, v in found.items()))
