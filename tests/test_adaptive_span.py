@@ -72,3 +72,11 @@ def test_avg_and_max_span():
     s = span(n_heads=2, attn_span=100, ramp=10, z=(0.1, 0.45))
     assert s.max_span() == 55
     assert s.avg_span() == 38  # ceil(27.5) + 10
+
+
+def test_mask_is_float32_for_half_precision_parameters():
+    s = span(attn_span=8192, ramp=32, z=(0.5,), dtype=torch.bfloat16)
+    m = s.mask(8192)
+    assert m.dtype == torch.float32
+    # m = (4096 - c) / 32 + 1 for column c: 1/32 at c = 4127, 0 at c = 4128, exactly
+    assert m[0, 4096 + 31].item() == 1 / 32 and m[0, 4096 + 32].item() == 0.0

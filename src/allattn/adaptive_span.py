@@ -31,8 +31,11 @@ class AdaptiveSpan(nn.Module):
 
     def mask(self, length: int) -> Tensor:
         """Soft mask for distances 1..length, shape (H, length); column i is distance i + 1."""
-        distance_minus_one = torch.arange(length, device=self.z.device, dtype=self.z.dtype)
-        unclamped = (self.z[:, None] * self.attn_span - distance_minus_one) / self.ramp + 1
+        z = self.z
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # S * z needs more than 8 bits of mantissa
+        distance_minus_one = torch.arange(length, device=z.device, dtype=z.dtype)
+        unclamped = (z[:, None] * self.attn_span - distance_minus_one) / self.ramp + 1
         # torch.clamp passes the gradient at both bounds, so keys whose mask is exactly 0 still
         # contribute to dL/dz (DESIGN §2.4); keep the multiplicative form that relies on this.
         return unclamped.clamp(0, 1)
