@@ -254,3 +254,13 @@ def test_info_describes_an_imported_checkpoint(files, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == model.num_parameters()
     assert info["kind"] == "all-attention" and info["vocab_level"] == "byte"
+
+
+def test_word_level_train_txt_is_refused(files, capsys):
+    tmp, train, _ = files
+    (tmp / "words.txt").write_text("the cat sat on a mat by\n")  # 8 tokens with <eos>, as V
+    model = make_model(config())
+    original = write_original(tmp / "m.pt", model, allattn_vocab(), read_original_vocabulary(train))
+    argv = ["import-original", str(original), str(tmp / "o.safetensors")]
+    assert main([*argv, "--train-txt", str(tmp / "words.txt")]) == 2
+    assert "numbers word vocabularies by count" in _error(capsys)

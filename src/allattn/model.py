@@ -148,7 +148,7 @@ class AllAttentionLayer(nn.Module):
         h = self.norm1(h + self.attn(h, context, pos_emb[:n_context]))
         if self.ff is not None:
             h = self.norm2(h + self.ff(h))
-        new_cache = torch.cat([cache, h_in.detach()], dim=1)[:, -cache_size:]  # (B, C', d)
+        new_cache = torch.cat([cache, h_in], dim=1)[:, -cache_size:].detach()  # (B, C', d)
         return h, new_cache
 
 

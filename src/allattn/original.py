@@ -251,6 +251,11 @@ def import_original(
                     f"{config.vocab_size}"
                 )
             chosen = infer_level(tokens) if level == "auto" else level
+            if chosen == "word":
+                raise OriginalFormatError(
+                    f"{train_txt} holds words: the original numbers word vocabularies by count "
+                    "(adaptive I/O), not by first appearance; pass --vocab in the original's order"
+                )
             source = Vocabulary(tuple(to_allattn_token(t, chosen) for t in tokens), chosen)
         if vocab is not None:
             target = Vocabulary.load(vocab)
