@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 EOS = "<eos>"
 LEVELS = ("byte", "char", "word")
@@ -49,7 +49,7 @@ class Vocabulary:
         object.__setattr__(self, "_ids", ids)
 
     @classmethod
-    def from_tokens(cls, tokens: Iterable[str], level: str) -> Self:
+    def from_tokens(cls, tokens: Iterable[str], level: str) -> Vocabulary:
         """Vocabulary in order of first appearance (as the original builds it)."""
         return cls(tuple(dict.fromkeys(tokens)), level)
 
@@ -83,7 +83,7 @@ class Vocabulary:
         return {"level": self.level, "tokens": list(self.tokens)}
 
     @classmethod
-    def from_dict(cls, values: Any) -> Self:
+    def from_dict(cls, values: Any) -> Vocabulary:
         if not isinstance(values, dict) or set(values) != {"level", "tokens"}:
             raise VocabularyError("a vocabulary must be a JSON object with 'level' and 'tokens'")
         tokens = values["tokens"]
@@ -95,7 +95,7 @@ class Vocabulary:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> Self:
+    def load(cls, path: str | Path) -> Vocabulary:
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
