@@ -20,9 +20,30 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _Section:
+    """Shared behaviour of the config sections: dict round trip and replacement."""
+
+    section = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        _require(not unknown, f"unknown {cls.section} config field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """The architecture (DESIGN §2). Defaults are the paper's per-layer settings at a small size."""
+
+    section = "model"
 
     vocab_size: int = _field(256, "number of tokens in the vocabulary (V)")
     d_model: int = _field(256, "model width (d)")
@@ -95,15 +116,37 @@ class ModelConfig:
             return "hybrid"
         return "attention-only"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        _require(not unknown, f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**values)
+OPTIMIZERS = ("adagrad", "adam")
 
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig(_Section):
+    """The optimiser and its schedule (DESIGN §3). Defaults: the character-level recipe."""
+
+    section = "optim"
+
+    optimizer: str = _field(
+        "adagrad",
+        "adagrad (per-parameter step clipping, the character-level recipe) or adam (global "
+        "gradient-norm clipping, the word-level recipe)",
+    )
+    lr: float = _field(0.07, "learning rate after warm-up")
+    warmup_steps: int = _field(0, "linear warm-up: update t uses lr * min(1, t / warmup_steps)")
+    grad_clip: float = _field(
+        0.03,
+        "adagrad: shrink a parameter's step when its gradient norm exceeds this; "
+        "adam: clip the global gradient norm to this; 0 = no clipping",
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.optimizer in OPTIMIZERS,
+            f"--optim.optimizer ({self.optimizer}) must be one of {', '.join(OPTIMIZERS)}",
+        )
+        _require(self.lr > 0, f"--optim.lr ({self.lr}) must be > 0")
+        _require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            f"--optim.warmup_steps ({self.warmup_steps}) must be a non-negative integer",
+        )
+        _require(self.grad_clip >= 0, f"--optim.grad_clip ({self.grad_clip}) must be >= 0")
