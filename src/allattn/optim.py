@@ -79,6 +79,6 @@ class Optimizer:
         return {"inner": self.inner.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore accumulators or moments and the update count (warm-up continues, not restarts)."""
+        """Restore accumulators or moments and the update count, so warm-up does not restart."""
         self.inner.load_state_dict(state["inner"])
         self.updates = int(state["updates"])
