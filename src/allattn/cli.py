@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__, checkpoint
+from .data import DEFAULT_SPLIT
 from .original import ImportOptions, import_original
+from .prepare import NAMES, prepare
 
 log = logging.getLogger("allattn")
 
@@ -22,6 +24,49 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated fractions") from None
+
+
+def _add_prepare(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "prepare",
+        help="tokenise a corpus into a data directory",
+        description="Prepare enwik8 or text8 (from their zip archives, checksum-verified), the "
+        "bundled tiny-shakespeare, or any UTF-8 text file (character level).",
+    )
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--source", help="local file or URL (default: canonical URL / bundled copy)")
+    p.add_argument("--out", help="data directory to write (default: data/NAME)")
+    p.add_argument(
+        "--split",
+        type=_fractions,
+        default=DEFAULT_SPLIT,
+        help="train,valid,test fractions for text corpora (default 0.9,0.05,0.05)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="accept a checksum mismatch")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    out = args.out or f"data/{args.name}"
+    corpus = prepare(
+        args.name,
+        out,
+        source=args.source,
+        split=args.split,
+        verify=not args.no_verify,
+        overwrite=args.force,
+    )
+    counts = ", ".join(f"{k} {v:,}" for k, v in corpus.meta["tokens"].items())
+    print(f"wrote {out}: {corpus.vocab.level} level, vocabulary {len(corpus.vocab)}, {counts}")
+    return 0
 
 
 def _add_import_original(commands: argparse._SubParsersAction) -> None:
@@ -123,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"allattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_prepare(commands)
     _add_import_original(commands)
     _add_info(commands)
     return parser

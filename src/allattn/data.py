@@ -1,4 +1,4 @@
-"""Vocabularies and the bundled corpus.
+"""Vocabularies, tokenised corpora on disk, parallel streams, and the bundled corpus.
 
 A vocabulary is an ordered list of token strings and a level:
     byte  every byte is a token, written as the one character chr(byte) (Latin-1); the newline
@@ -7,21 +7,32 @@ A vocabulary is an ordered list of token strings and a level:
     word  whitespace-separated words plus `<eos>` at the end of every line (WikiText).
 Ids are positions in the list. The list is stored as JSON next to the token arrays and inside
 every checkpoint, so a model always knows its tokens.
+
+A prepared corpus is a directory: `vocab.json`, `train.npy`, `valid.npy`, `test.npy` (token ids,
+memory-mapped when read, no pickles) and `meta.json` (source, checksum, token counts, ...).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 EOS = "<eos>"
 LEVELS = ("byte", "char", "word")
 BUNDLED_CORPUS = "tinyshakespeare.txt.gz"
+BUNDLED_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SPLITS = ("train", "valid", "test")
+DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
 
 class VocabularyError(ValueError):
@@ -111,3 +122,151 @@ def bundled_text() -> str:
     data = resources.files("allattn") / "data" / BUNDLED_CORPUS
     with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8", newline="") as text:
         return text.read()
+
+
+class CorpusError(ValueError):
+    """A corpus directory is missing, incomplete or inconsistent, or a split is unusable."""
+
+
+@dataclass
+class Corpus:
+    """Token ids of the train/valid/test splits with their vocabulary and metadata."""
+
+    vocab: Vocabulary
+    splits: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    def save(self, out: str | Path, overwrite: bool = False) -> None:
+        """Write the corpus directory; it appears complete or not at all."""
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise CorpusError(f"{out} exists and is not empty; pass --force to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            self.vocab.save(tmp / "vocab.json")
+            for name, ids in self.splits.items():
+                np.save(tmp / f"{name}.npy", ids)
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> Corpus:
+        path = Path(path)
+        if not path.is_dir():
+            raise CorpusError(
+                f"data directory {path} does not exist (make one with `allattn prepare`)"
+            )
+        missing = [
+            n
+            for n in ("vocab.json", "meta.json", *(f"{s}.npy" for s in SPLITS))
+            if not (path / n).is_file()
+        ]
+        if missing:
+            raise CorpusError(f"data directory {path} lacks {', '.join(missing)}")
+        vocab = Vocabulary.load(path / "vocab.json")
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            splits = {s: np.load(path / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+        except (ValueError, OSError) as error:
+            raise CorpusError(f"{path}: corrupt corpus ({error})") from None
+        for name, ids in splits.items():
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise CorpusError(f"{path}/{name}.npy is not a 1-D array of token ids")
+            if ids.size and int(ids.max()) >= len(vocab):
+                raise CorpusError(f"{path}/{name}.npy has ids beyond the vocabulary")
+        return cls(vocab=vocab, splits=splits, meta=meta)
+
+    def streams(self, split: str, batch_size: int) -> np.ndarray:
+        """B contiguous streams (B, T), T = len // B; the last len mod B tokens are dropped."""
+        ids = self.splits[split]
+        length = len(ids) // batch_size
+        if length < 2:
+            raise CorpusError(
+                f"the {split} split ({len(ids)} tokens) is too short for {batch_size} streams"
+            )
+        return ids[: batch_size * length].reshape(batch_size, length)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise CorpusError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+def build_corpus(
+    units: dict[str, np.ndarray],
+    token_of: Callable[[int], str],
+    level: str,
+    meta: dict[str, Any],
+) -> Corpus:
+    """Number the units (bytes or code points, one per token) of each split.
+
+    The vocabulary is the training split's units in order of first appearance; `token_of` gives
+    each unit's token string. A valid/test unit absent from the training split is an error.
+    """
+    values, first = np.unique(units["train"], return_index=True)
+    order = values[np.argsort(first, kind="stable")]  # units by first appearance
+    vocab = Vocabulary(tuple(token_of(int(u)) for u in order), level)
+    id_of_sorted = np.empty(len(values), dtype=np.int64)
+    id_of_sorted[np.searchsorted(values, order)] = np.arange(len(order))
+    dtype = id_dtype(len(vocab))
+    splits = {}
+    for name in SPLITS:
+        split_units = units[name]
+        pos = np.searchsorted(values, split_units).clip(0, len(values) - 1)
+        unknown = values[pos] != split_units if len(values) else np.ones(len(split_units), bool)
+        if unknown.any():
+            unit = int(split_units[np.argmax(unknown)])
+            raise CorpusError(
+                f"the {name} split has token {token_of(unit)!r}, which the training split "
+                "lacks (the vocabulary comes from the training split only)"
+            )
+        splits[name] = id_of_sorted[pos].astype(dtype)
+    meta = {
+        **meta,
+        "level": level,
+        "vocab_size": len(vocab),
+        "tokens": {name: len(ids) for name, ids in splits.items()},
+    }
+    return Corpus(vocab=vocab, splits=splits, meta=meta)
+
+
+def split_points(length: int, split: Sequence[float]) -> tuple[int, int]:
+    """Ends of the train and valid parts for fractions (train, valid, test) summing to 1."""
+    if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-9:
+        raise CorpusError(f"split {tuple(split)} must be three positive fractions summing to 1")
+    train_end = round(length * split[0])
+    valid_end = round(length * (split[0] + split[1]))
+    return train_end, valid_end
+
+
+def char_corpus(
+    text: str, split: Sequence[float] = DEFAULT_SPLIT, meta: dict[str, Any] | None = None
+) -> Corpus:
+    """A character-level corpus of `text`: every character is a token (newlines too)."""
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    train_end, valid_end = split_points(len(points), split)
+    units = {
+        "train": points[:train_end],
+        "valid": points[train_end:valid_end],
+        "test": points[valid_end:],
+    }
+    meta = {**(meta or {}), "split": list(split), "characters": len(points)}
+    return build_corpus(units, chr, "char", meta)
+
+
+def load_corpus(path: str | Path | None) -> Corpus:
+    """A prepared corpus directory, or for None or "" the bundled tiny-shakespeare as
+    `allattn prepare tiny-shakespeare` makes it (character level, split 90/5/5)."""
+    if path:
+        return Corpus.load(path)
+    meta = {"name": "tiny-shakespeare", "source": "bundled", "source_sha256": BUNDLED_SHA256}
+    return char_corpus(bundled_text(), DEFAULT_SPLIT, meta)
