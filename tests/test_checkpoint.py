@@ -69,3 +69,35 @@ def test_weights_that_do_not_match_the_config_are_rejected(tmp_path):
     ckpt.config = CFG.replace(n_layers=2)
     with pytest.raises(CheckpointError, match="missing"):
         ckpt.build_model()
+
+
+def test_training_state_round_trip(tmp_path):
+    model = AllAttentionLM(CFG)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    opt.step()
+    state = {
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "caches": [torch.randn(2, 3, 8), torch.randn(2, 5, 8)],
+        "pos": 17,
+        "nested": {"best": float("inf"), "flag": True, "none": None, "pair": (1, 2.5)},
+    }
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, model, state=state)
+    loaded = checkpoint.load(path).state
+    assert loaded["pos"] == 17 and loaded["nested"] == {
+        "best": float("inf"),
+        "flag": True,
+        "none": None,
+        "pair": [1, 2.5],
+    }
+    assert torch.equal(loaded["rng"], state["rng"])
+    assert all(torch.equal(a, b) for a, b in zip(loaded["caches"], state["caches"], strict=True))
+    twin = torch.optim.Adam(model.parameters())
+    twin.load_state_dict(loaded["optimizer"])  # int keys and param groups survive
+    for key, value in opt.state_dict()["state"][0].items():
+        assert torch.equal(twin.state_dict()["state"][0][key], value)
+    with pytest.raises(TypeError, match="cannot store a object"):
+        checkpoint.save(path, model, state={"x": object()})
+    assert checkpoint.load(path).state["pos"] == 17  # the failed save left the file alone

@@ -2,6 +2,8 @@
 
 One `.safetensors` file holds the weights under `model.` and, in its JSON metadata, the format
 version, the full `ModelConfig`, the vocabulary and free-form facts (`meta`: step, source, ...).
+A training checkpoint adds `state`: any nest of dicts, lists, numbers and tensors (optimiser
+state, stream positions, caches, RNG states), stored as JSON with its tensors under `state.`.
 Loading rebuilds the model from the file alone. Writes go to a temporary file in the same
 directory, are fsynced and then renamed over the target, so a crash never leaves a torn file.
 """
@@ -28,6 +30,7 @@ from .model import AllAttentionLM
 FORMAT = "allattn-checkpoint"
 VERSION = 1
 MODEL_PREFIX = "model."
+STATE_PREFIX = "state."
 
 
 class CheckpointError(ValueError):
@@ -40,6 +43,7 @@ class Checkpoint:
     weights: dict[str, Tensor]
     vocab: Vocabulary | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] | None = None
 
     def build_model(self) -> AllAttentionLM:
         """The model with these weights (dtype as stored, on the CPU, in eval mode)."""
@@ -63,6 +67,36 @@ class Checkpoint:
 
 def _compare_keys(expected: dict[str, Tensor], found: dict[str, Tensor]):
     return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+
+
+def pack(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """A JSON-able tree for `obj`; its tensors go to `tensors` (copied to the CPU)."""
+    if isinstance(obj, Tensor):
+        key = f"{STATE_PREFIX}{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[pack(k, tensors), pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [pack(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def unpack(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    """The inverse of `pack` (tuples come back as lists)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        if set(tree) == {"__items__"}:
+            return {unpack(k, tensors): unpack(v, tensors) for k, v in tree["__items__"]}
+        return {k: unpack(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unpack(v, tensors) for v in tree]
+    return tree
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -93,8 +127,9 @@ def save(
     *,
     vocab: Vocabulary | None = None,
     meta: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """Save the model's weights, config, vocabulary and `meta` (JSON-serialisable) to `path`."""
+    """Save the model's weights, config, vocabulary, `meta` (JSON) and `state` to `path`."""
     if vocab is not None and len(vocab) != model.config.vocab_size:
         raise CheckpointError(
             f"vocabulary has {len(vocab)} tokens, the model {model.config.vocab_size}"
@@ -109,6 +144,8 @@ def save(
         "vocab": json.dumps(vocab.to_dict() if vocab is not None else None, ensure_ascii=False),
         "meta": json.dumps(meta or {}),
     }
+    if state is not None:
+        metadata["state"] = json.dumps(pack(state, tensors))
     atomic_write_bytes(path, save_tensors(tensors, metadata=metadata))
 
 
@@ -144,6 +181,7 @@ def load(path: str | Path) -> Checkpoint:
         vocab_values = json.loads(metadata["vocab"])
         vocab = Vocabulary.from_dict(vocab_values) if vocab_values is not None else None
         meta = json.loads(metadata["meta"])
+        state = unpack(json.loads(metadata["state"]), tensors) if "state" in metadata else None
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError, VocabularyError) as error:
         raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
     weights = {
@@ -151,7 +189,7 @@ def load(path: str | Path) -> Checkpoint:
         for name, t in tensors.items()
         if name.startswith(MODEL_PREFIX)
     }
-    return Checkpoint(config=config, weights=weights, vocab=vocab, meta=meta)
+    return Checkpoint(config=config, weights=weights, vocab=vocab, meta=meta, state=state)
 
 
 def load_model(

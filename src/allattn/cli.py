@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, checkpoint
-from .data import DEFAULT_SPLIT
+import torch
+
+from . import __version__, checkpoint, evaluate, train
+from .config import RunConfig, load_preset, preset_names
+from .data import DEFAULT_SPLIT, SPLITS, load_corpus
+from .model import AllAttentionLM
 from .original import ImportOptions, import_original
 from .prepare import NAMES, prepare
 
@@ -66,6 +72,133 @@ def _run_prepare(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{k} {v:,}" for k, v in corpus.meta["tokens"].items())
     print(f"wrote {out}: {corpus.vocab.level} level, vocabulary {len(corpus.vocab)}, {counts}")
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train a model (default: the tiny preset on the bundled tiny-shakespeare)",
+        description="Train from a preset, with any config field overridden on the command line.",
+        epilog="Any field of [model], [optim] or [train] is a flag: --model.n_persistent 512 "
+        "--train.batch_size 4 --train.block_size 512 --train.steps 100 --optim.lr 0.05. "
+        f"Presets: {', '.join(preset_names())} (or a .toml file).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--preset", help="preset name or .toml file (default: tiny)")
+    p.add_argument("--data", help="prepared data directory (same as --train.data)")
+    p.add_argument("--out", help="run directory (default: runs/PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="restart a run directory from scratch")
+    p.add_argument(
+        "--print-config", action="store_true", help="show the resolved config and parameter count"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train, overrides=True)
+
+
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """`--section.field VALUE` / `--section.field=VALUE` pairs -> {"section.field": "VALUE"}."""
+    assignments, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise UsageError(f"allattn train: error: unrecognized argument {arg}")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(extra):
+                raise UsageError(f"allattn train: error: --{key} needs a value")
+            value = extra[i + 1]
+            i += 1
+        assignments[key] = value
+        i += 1
+    return assignments
+
+
+def _train_config(args: argparse.Namespace, extra: list[str]) -> tuple[RunConfig, Path]:
+    assignments = _overrides(extra)
+    if args.data is not None:
+        assignments["train.data"] = args.data
+    if args.resume:
+        if args.preset:
+            raise UsageError("allattn train: error: --resume takes the config from the run")
+        if not args.out:
+            raise UsageError("allattn train: error: --resume needs --out RUN_DIR")
+        run_dir = Path(args.out)
+        saved = checkpoint.load(run_dir / train.LAST)
+        if "run_config" not in saved.meta:
+            raise UsageError(f"allattn train: error: {run_dir} is not a training run")
+        base = RunConfig.from_dict(saved.meta["run_config"])
+    else:
+        preset = args.preset or "tiny"
+        base = load_preset(preset)
+        run_dir = Path(args.out or f"runs/{Path(preset).stem}")
+    return base.override(assignments), run_dir
+
+
+def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
+    config, run_dir = _train_config(args, extra)
+    if args.print_config:
+        model_config = config.model
+        data = config.train.data
+        if not data or Path(data).is_dir():
+            model_config = model_config.replace(vocab_size=len(load_corpus(data).vocab))
+        with torch.device("meta"):
+            n_params = AllAttentionLM(model_config).num_parameters()
+        print(RunConfig(model=model_config, optim=config.optim, train=config.train).to_toml())
+        print(
+            f"# {model_config.kind} model: {n_params:,} parameters "
+            f"(vocab_size {model_config.vocab_size})"
+        )
+        return 0
+    result = train.run(
+        config,
+        run_dir,
+        resume=args.resume,
+        overwrite=args.force,
+        progress=not args.no_progress,
+    )
+    print(
+        f"trained to step {result.step}: last validation {result.valid_loss / math.log(2):.3f} "
+        f"bpc; checkpoints in {result.run_dir}"
+    )
+    return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="full evaluation of a checkpoint on a split (bits per character)",
+        description="Score every full block of a split with fresh caches (DESIGN §3).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (best)")
+    p.add_argument("--data", help="data directory (default: the one the run trained on)")
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--batch-size", type=int, default=8, help="streams (8 as the original)")
+    p.add_argument("--block-size", type=int, help="tokens per block (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    result = evaluate.run(
+        args.checkpoint,
+        data=args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps({**result.to_dict(), "checkpoint": str(args.checkpoint)}))
+    else:
+        print(
+            f"{result.split}: {result.tokens:,} tokens, {result.loss_nats:.4f} nats/token, "
+            f"{result.bpc:.3f} bits per character (ppl {result.ppl:.3f})"
+        )
     return 0
 
 
@@ -169,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"allattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_prepare(commands)
+    _add_train(commands)
+    _add_eval(commands)
     _add_import_original(commands)
     _add_info(commands)
     return parser
@@ -178,7 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with a one-line message)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if getattr(args, "overrides", False):
+            return args.run(args, extra)
+        if extra:
+            raise UsageError(f"allattn: error: unrecognized arguments: {' '.join(extra)}")
         return args.run(args)
     except (UsageError, ValueError, OSError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 
@@ -150,3 +153,154 @@ class OptimConfig(_Section):
             f"--optim.warmup_steps ({self.warmup_steps}) must be a non-negative integer",
         )
         _require(self.grad_clip >= 0, f"--optim.grad_clip ({self.grad_clip}) must be >= 0")
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Section):
+    """The training run (DESIGN §3). Defaults: the paper's character-level scripts."""
+
+    section = "train"
+
+    data: str = _field(
+        "", "prepared data directory (`allattn prepare`); empty = the bundled tiny-shakespeare"
+    )
+    batch_size: int = _field(64, "parallel streams B (the global batch)")
+    block_size: int = _field(512, "tokens per stream per step M")
+    batch_split: int = _field(1, "run the batch in this many slices (memory only; divides B)")
+    steps: int = _field(1000, "optimiser updates in total (a resumed run continues to this)")
+    eval_interval: int = _field(
+        1000, "validate, log and checkpoint every this many steps (the original's nbatches)"
+    )
+    eval_batch_size: int = _field(8, "streams for full evaluation (`allattn eval`)")
+    seed: int = _field(0, "seed of initialisation, dropout and wrap-around offsets")
+    device: str = _field("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
+    dtype: str = _field("float32", "float32, or bfloat16 autocast (softmax statistics in float32)")
+    exact_resume: bool = _field(
+        True,
+        "resume with the saved stream positions, caches and RNG states; false = the original "
+        "(restart the data at position 0 with zero caches)",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_size", "batch_split", "steps", "eval_interval"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 1,
+                f"--train.{name} ({value}) must be a positive integer",
+            )
+        _require(
+            self.batch_size % self.batch_split == 0,
+            f"--train.batch_split ({self.batch_split}) must divide --train.batch_size "
+            f"({self.batch_size})",
+        )
+        _require(
+            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
+            f"--train.eval_batch_size ({self.eval_batch_size}) must be a positive integer",
+        )
+        _require(self.dtype in DTYPES, f"--train.dtype ({self.dtype}) must be one of {DTYPES}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"--train.device ({self.device}) must be auto, cpu, cuda or cuda:N",
+        )
+
+
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a training run needs: model, optimiser, training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(values) - set(SECTIONS))
+        _require(not unknown, f"unknown config section(s): {', '.join(unknown)}")
+        for name, section in values.items():
+            _require(isinstance(section, dict), f"config section [{name}] must be a table")
+        return cls(**{name: SECTIONS[name].from_dict(values.get(name, {})) for name in SECTIONS})
+
+    def override(self, assignments: dict[str, str]) -> RunConfig:
+        """Apply `{"model.n_layers": "4", ...}` (strings, as given on the command line)."""
+        values = self.to_dict()
+        for key, text in assignments.items():
+            section, _, name = key.partition(".")
+            cls = SECTIONS.get(section)
+            fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+            _require(name in fields, f"unknown flag --{key}")
+            values[section][name] = _parse(key, text, fields[name].type)
+        return RunConfig.from_dict(values)
+
+    def to_toml(self) -> str:
+        """The config as TOML (what `--print-config` shows and the run directory keeps)."""
+        lines = []
+        for name in SECTIONS:
+            lines.append(f"[{name}]")
+            for key, value in getattr(self, name).to_dict().items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _parse(key: str, text: str, kind: Any) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {kind}, got {text!r}") from None
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (TOML files in allattn/configs)."""
+    folder = resources.files("allattn") / "configs"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_preset(name: str) -> RunConfig:
+    """A shipped preset by name, or any TOML file with [model], [optim], [train] tables."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        _require(path.is_file(), f"preset file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files("allattn") / "configs" / f"{name}.toml"
+        _require(
+            resource.is_file(),
+            f"unknown preset {name!r}; choose from {', '.join(preset_names())} or a .toml file",
+        )
+        text = resource.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"preset {name}: {error}") from None
+    return RunConfig.from_dict(values)
