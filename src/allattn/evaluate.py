@@ -36,6 +36,11 @@ class EvalResult:
         return asdict(self)
 
 
+def scored_tokens(length: int, batch_size: int, block_size: int) -> int:
+    """Targets a full evaluation scores in a split of `length` tokens."""
+    return (length // batch_size - 1) // block_size * block_size * batch_size
+
+
 @torch.no_grad()
 def evaluate(
     model: AllAttentionLM,
