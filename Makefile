@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The default run: prepare the bundled corpus, train the tiny preset, score the test split.
+DEMO_DATA := data/tiny-shakespeare
+DEMO_RUN := runs/demo
+
 demo: $(STAMP)
-	$(PY) examples/forward_backward.py
+	@test -d $(DEMO_DATA) || $(PY) -m allattn prepare tiny-shakespeare --out $(DEMO_DATA)
+	$(PY) -m allattn train --preset tiny --data $(DEMO_DATA) --out $(DEMO_RUN) --force
+	$(PY) -m allattn eval --checkpoint $(DEMO_RUN) --split test
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples
