@@ -187,6 +187,11 @@ def test_run_directory_is_never_clobbered(tmp_path, data_dir, capsys):
     )
     with pytest.raises(ConfigError, match=r"cannot change --model\.n_layers when resuming"):
         train.run(changed, run_dir, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"cannot change --train\.batch_size when resuming"):
+        train.run(
+            small_config(data_dir, steps=8, batch_size=2), run_dir, resume=True, progress=False
+        )
+    assert (run_dir / train.LAST).read_bytes() == before
 
 
 def test_fine_tuning_resumes_with_a_new_learning_rate(tmp_path, data_dir):

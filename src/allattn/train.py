@@ -241,6 +241,11 @@ def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
             f"cannot change --model.{changed[0]} when resuming "
             f"({old[changed[0]]} in the checkpoint, {new[changed[0]]} asked)"
         )
+    if wanted.train.exact_resume and saved.train.batch_size != wanted.train.batch_size:
+        raise ConfigError(
+            "cannot change --train.batch_size when resuming exactly (the caches hold "
+            f"{saved.train.batch_size} streams); add --train.exact_resume false"
+        )
 
 
 def _bpc(loss: float) -> float:
@@ -334,13 +339,13 @@ def _loop(trainer: Trainer, config: RunConfig, metrics_path: Path, progress: boo
         if bar.n % 10 == 0 or trainer.step == train.steps:
             spans = trainer.model.span_stats()
             elapsed = time.perf_counter() - interval_start
-            bar.set_postfix(
-                tok_s=f"{(trainer.step - interval_first_step) * tokens_per_step / elapsed:,.0f}",
-                loss=f"{loss:.3f}",
-                bpc=f"{_bpc(loss):.3f}",
-                span=f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
-                refresh=False,
-            )
+            postfix = {
+                "tok/s": f"{(trainer.step - interval_first_step) * tokens_per_step / elapsed:,.0f}",
+                "loss": f"{loss:.3f}",
+                "bpc": f"{_bpc(loss):.3f}",
+                "span": f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
+            }
+            bar.set_postfix(postfix, refresh=False)
         if trainer.step % train.eval_interval == 0 or trainer.step == train.steps:
             valid_loss = trainer.validate()
             elapsed = time.perf_counter() - interval_start
