@@ -20,9 +20,6 @@ from .model import AllAttentionLM
 from .original import ImportOptions, import_original
 from .prepare import NAMES, prepare
 
-log = logging.getLogger("allattn")
-
-
 class UsageError(Exception):
     """Bad command-line usage (argparse's errors, turned into one line)."""
 
@@ -325,3 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"allattn: error: {message}"
         print(message, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("allattn: interrupted", file=sys.stderr)
+        return 130
