@@ -20,6 +20,7 @@ from .model import AllAttentionLM
 from .original import ImportOptions, import_original
 from .prepare import NAMES, prepare
 
+
 class UsageError(Exception):
     """Bad command-line usage (argparse's errors, turned into one line)."""
 
