@@ -98,3 +98,188 @@ def attend(
     if mem_val is not None:
         out = out + persistent_weights @ mem_val  # (B, H, M, D)
     return out
+
+
+def _band(full: Tensor, n_context: int) -> Tensor:
+    """View of each query's L keys in a chunk's score matrix: band[..., r, c] = full[..., r, r + c].
+
+    `full` is (B, H, b, b + L - 1) and contiguous; key column c of query r is the key at
+    distance L - c ("key order": oldest first).
+    """
+    batch, n_heads, rows, width = full.shape
+    stride = full.stride()
+    return full.as_strided((batch, n_heads, rows, n_context), (stride[0], stride[1], width + 1, 1))
+
+
+def _unband(band: Tensor, width: int) -> Tensor:
+    """The inverse of `_band`: a zero (B, H, b, width) matrix holding `band` on its diagonal strip."""
+    batch, n_heads, rows, n_context = band.shape
+    full = band.new_zeros(batch, n_heads, rows, width)
+    _band(full, n_context).copy_(band)
+    return full
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """`attend` in chunks of queries, each scored against only the b + L - 1 keys it can see.
+
+    Forward keeps no score matrix; backward recomputes each chunk's scores. The position term
+    and the persistent scores come from one matmul with a per-head table [p_L ... p_1 ; m_k]
+    (L + N rows); the mask is applied while copying the band of weights into the key matrix,
+    and the renormalisation 1 / Z is applied to the (b, D) output. The gradient of the span mask
+    is returned for every key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0
+    there), so the span parameter gets the original's gradient (DESIGN §2.4).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout, chunk):
+        # Work head-major, (H, B, ...), so that per-head tables meet (H, B*b, D) matrices.
+        q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))  # (H, B, *, D)
+        n_heads, batch, n_queries, head_dim = q.shape
+        n_context = k.size(2) - n_queries
+        ctx.scale = 1.0 / math.sqrt(head_dim)
+        ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
+        table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
+        out = torch.empty_like(q)
+        buffers: dict[int, Tensor] = {}
+        keeps = []
+        for start, stop, keys in _chunks(n_queries, n_context, chunk):
+            q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
+            a = _softmax_scores(q_c, k[:, :, keys], table, n_context)  # (H, B, b, L+N)
+            keep = _draw_keep(a, n_context, dropout) if dropout else None
+            keeps.append(keep)
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
+            o = weights @ v[:, :, keys]  # (H, B, b, D)
+            if mem_val is not None:
+                o += _per_head(mem_weights, lambda x: x @ mem_val)
+            if mask_col is not None:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps)
+                o /= _per_head(a, lambda x: x @ mask_col) + renorm_eps
+            out[:, :, start:stop] = o
+        ctx.keeps = keeps
+        ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val)
+        return out.transpose(0, 1)  # (B, H, M, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, pos, span_mask, mem_key, mem_val = ctx.saved_tensors  # q, k, v head-major
+        grad_out = grad_out.transpose(0, 1).contiguous()  # (H, B, M, D)
+        n_queries = q.size(2)
+        n_context = k.size(2) - n_queries
+        table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
+        mask_full = mask_col.transpose(-1, -2)[:, None] if mask_col is not None else None
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dtable = torch.zeros_like(table)
+        dmask_rev = torch.zeros_like(span_mask) if span_mask is not None else None
+        dmem_val = torch.zeros_like(mem_val) if mem_val is not None else None
+        buffers: dict[int, Tensor] = {}
+        grad_buffers: dict[int, Tensor] = {}
+        for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
+            q_c, k_c, v_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys], v[:, :, keys]
+            g_out = grad_out[:, :, start:stop]
+            keep = ctx.keeps[index]
+            a = _softmax_scores(q_c, k_c, table, n_context)  # (H, B, b, L+N)
+            if mask_col is not None:
+                total = _per_head(a, lambda x: x @ mask_col) + ctx.renorm_eps  # (H, B, b, 1)
+                g_out = g_out / total
+            # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
+            dv[:, :, keys] += weights.transpose(-1, -2) @ g_out
+            if mem_val is not None:
+                dmem_val += _flat(mem_weights).transpose(-1, -2) @ _flat(g_out)
+            # g = dL/dw (times 1 / Z when renormalised), by key in key order, then the mem slots.
+            g = torch.empty_like(a)
+            g[..., :n_context] = _band(g_out @ v_c.transpose(-1, -2), n_context)
+            if mem_val is not None:
+                g[..., n_context:] = _per_head(g_out, lambda x: x @ mem_val.transpose(-1, -2))
+            if keep is not None:
+                g[..., :n_context] *= keep[0]
+                g[..., n_context:] *= keep[1]
+                g *= 1.0 / (1.0 - ctx.dropout)
+            if mask_full is not None:
+                # w = u / Z, u = a m: dL/du = (g - sum_i w_i g_i) / Z and dL/dm = a dL/du.
+                g -= (a * mask_full * g).sum(-1, keepdim=True) / total
+                dmask_rev += (a[..., :n_context] * g[..., :n_context]).sum(dim=(1, 2))
+                g *= mask_full  # dL/da
+            # Softmax backward, in place: ds = a (dL/da - sum_k a_k dL/da_k).
+            g -= (a * g).sum(-1, keepdim=True)
+            g *= a
+            ds_keys = _unband_into(grad_buffers, g[..., :n_context], keys, n_context)
+            dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
+            dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c
+            dtable_c = _flat(g).transpose(-1, -2) @ _flat(q_c)  # (H, L+N, D)
+            dtable += dtable_c if dtable.size(0) > 1 else dtable_c.sum(0, keepdim=True)
+        dpos = dtable[:, :n_context].sum(0).flip(0)
+        dmem_key = dtable[:, n_context:] if mem_key is not None else None
+        dmask = dmask_rev.flip(-1) if dmask_rev is not None else None
+        grads = (x.transpose(0, 1) for x in (dq, dk, dv))
+        return *grads, dpos, dmask, dmem_key, dmem_val, None, None, None
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(H, B, b, n) -> (H, B*b, n) (a view for contiguous chunks)."""
+    return x.reshape(x.size(0), -1, x.size(-1))
+
+
+def _per_head(x: Tensor, fn) -> Tensor:
+    """Apply a per-head matmul to (H, B, b, n) as one (H, B*b, n) batch, back to (H, B, b, m)."""
+    y = fn(_flat(x))
+    return y.view(*x.shape[:-1], y.size(-1))
+
+
+def _chunks(n_queries: int, n_context: int, chunk: int):
+    """(start, stop, key rows) of each chunk of queries; query i sees rows i .. i + L - 1."""
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        yield start, stop, slice(start, stop + n_context - 1)
+
+
+def _tables(pos: Tensor, span_mask: Tensor | None, mem_key: Tensor | None):
+    """Per-head [p_L .. p_1 ; m_k] (H or 1, L+N, D), the mask in key order (H, 1, L), and the
+    mask with 1 for the persistent slots as a column (H, L+N, 1) for sum_j a_j m_j."""
+    pos_rev = pos.flip(0)  # key order: row c is p_(L - c)
+    if mem_key is None:
+        table = pos_rev[None]
+    else:
+        table = torch.cat([pos_rev.expand(mem_key.size(0), -1, -1), mem_key], dim=1)
+    if span_mask is None:
+        return table, None, None
+    mask_rev = span_mask.flip(-1)[:, None, None, :]  # (H, 1, 1, L), head-major broadcast
+    n_mem = 0 if mem_key is None else mem_key.size(1)
+    mask_row = torch.cat([span_mask.flip(-1), span_mask.new_ones(span_mask.size(0), n_mem)], -1)
+    return table, mask_rev, mask_row[:, :, None].contiguous()  # (H, L+N, 1)
+
+
+def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int) -> Tensor:
+    """Softmax over [context in key order ; persistent] of one chunk; q_c is pre-scaled."""
+    scores = _per_head(q_c, lambda x: x @ table.transpose(-1, -2))  # position + persistent
+    scores[..., :n_context] += _band(q_c @ k_c.transpose(-1, -2), n_context)  # content
+    return scores.softmax(-1)
+
+
+def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tensor]:
+    """Dropout keep-masks (context, persistent); the persistent slots draw first (as the original)."""
+    keep_mem = torch.rand_like(a[..., n_context:]) >= dropout
+    keep_ctx = torch.rand_like(a[..., :n_context]) >= dropout
+    return keep_ctx, keep_mem
+
+
+def _unband_into(buffers: dict[int, Tensor], band: Tensor, keys: slice, n_context: int) -> Tensor:
+    """`band` (B, H, b, L) written into a reused zero (B, H, b, b + L - 1) key matrix."""
+    width = keys.stop - keys.start
+    full = buffers.get(width)
+    if full is None:
+        full = buffers[width] = band.new_zeros(*band.shape[:-1], width)
+    _band(full, n_context).copy_(band)  # off the band the matrix stays 0
+    return full
+
+
+def _masked_band(ctx, a: Tensor, mask_rev, keep, buffers, keys) -> tuple[Tensor, Tensor]:
+    """Unnormalised weights a * m (* keep / (1 - p)) as a key matrix, and the persistent ones."""
+    n_context = keys.stop - keys.start - a.size(2) + 1
+    a_ctx, a_mem = a[..., :n_context], a[..., n_context:]
+    if mask_rev is not None:
+        a_ctx = a_ctx * mask_rev
+    if keep is not None:
+        scale = 1.0 / (1.0 - ctx.dropout)
+        a_ctx = a_ctx * keep[0] * scale
+        a_mem = a_mem * keep[1] * scale
+    return _unband_into(buffers, a_ctx, keys, n_context), a_mem
