@@ -133,9 +133,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
 @pytest.mark.parametrize("name", CASES)
-def test_equals_reference_over_three_blocks(name):
-    compare(CASES[name]["config"], CASES[name].get("z"), n_blocks=3)
+def test_equals_reference_over_three_blocks(name, impl):
+    config = CASES[name]["config"].replace(attn_impl=impl)
+    compare(config, CASES[name].get("z"), n_blocks=3)
 
 
 def test_trimming_and_adaptive_cache_are_active_in_the_cases():

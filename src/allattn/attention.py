@@ -12,8 +12,11 @@ at distances delta = 1..L, but not to itself; then to the N persistent slots. Co
 Persistent score: q.m_k / sqrt(D). One softmax over the L + N scores; the span mask multiplies
 the context weights and all L + N weights are renormalised together (DESIGN §2.2-2.4).
 
-This is the dense implementation (one score matrix over all context rows, then a gather of each
-query's band), the straightforward yardstick that faster paths are tested against.
+Two implementations compute this same function. `reference` is the dense one (one score matrix
+over all context rows, then a gather of each query's band), the straightforward yardstick.
+`chunked` (the default) scores chunks of b queries against only the b + L - 1 rows they can see,
+never forms an M x (L + M) matrix, and has a hand-written backward pass that keeps the original's
+span gradient at keys whose mask is exactly 0 (DESIGN §2.4).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+CHUNK = 128
+"""Queries per chunk of the chunked kernel (measured best at the paper's sizes on CPU)."""
 
 
 def band_index(n_queries: int, n_context: int, device: torch.device) -> Tensor:
@@ -44,6 +50,7 @@ def attend(
     renorm_eps: float = 1e-8,
     dropout: float = 0.0,
     training: bool = False,
+    impl: str = "auto",
 ) -> Tensor:
     """All-attention for one block.
 
@@ -55,10 +62,18 @@ def attend(
         mem_key, mem_val: effective persistent keys/values, (H, N, D); None = no memory.
         renorm_eps: the epsilon of the joint renormalisation (the original's 1e-8).
         dropout: attention-weight dropout rate, applied only when `training`.
+        impl: "chunked" (fast: chunks of queries against the keys they see, recomputation-free
+            exact backward), "reference" (dense: one score matrix per block), "auto" (chunked).
 
     Returns:
         The heads' outputs, (B, H, M, D).
     """
+    if impl != "reference":
+        rate = dropout if training else 0.0
+        chunk = min(CHUNK, q.size(2))
+        return _ChunkedAttention.apply(
+            q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, rate, chunk
+        )
     batch, n_heads, n_queries, head_dim = q.shape
     n_context = k.size(2) - n_queries
     scale = 1.0 / math.sqrt(head_dim)
@@ -122,7 +137,8 @@ def _unband(band: Tensor, width: int) -> Tensor:
 class _ChunkedAttention(torch.autograd.Function):
     """`attend` in chunks of queries, each scored against only the b + L - 1 keys it can see.
 
-    Forward keeps no score matrix; backward recomputes each chunk's scores. The position term
+    Forward keeps each chunk's softmax (B, H, b, L+N) for the backward pass and nothing of size
+    M x (L+M); no score matrix over all rows is ever formed. The position term
     and the persistent scores come from one matmul with a per-head table [p_L ... p_1 ; m_k]
     (L + N rows); the mask is applied while copying the band of weights into the key matrix,
     and the renormalisation 1 / Z is applied to the (b, D) output. The gradient of the span mask
@@ -141,12 +157,13 @@ class _ChunkedAttention(torch.autograd.Function):
         table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
         out = torch.empty_like(q)
         buffers: dict[int, Tensor] = {}
-        keeps = []
+        keeps, probs = [], []
         for start, stop, keys in _chunks(n_queries, n_context, chunk):
             q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
             a = _softmax_scores(q_c, k[:, :, keys], table, n_context)  # (H, B, b, L+N)
             keep = _draw_keep(a, n_context, dropout) if dropout else None
             keeps.append(keep)
+            probs.append(a)
             weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
             o = weights @ v[:, :, keys]  # (H, B, b, D)
             if mem_val is not None:
@@ -154,7 +171,7 @@ class _ChunkedAttention(torch.autograd.Function):
             if mask_col is not None:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps)
                 o /= _per_head(a, lambda x: x @ mask_col) + renorm_eps
             out[:, :, start:stop] = o
-        ctx.keeps = keeps
+        ctx.keeps, ctx.probs = keeps, probs
         ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val)
         return out.transpose(0, 1)  # (B, H, M, D)
 
@@ -175,8 +192,7 @@ class _ChunkedAttention(torch.autograd.Function):
         for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
             q_c, k_c, v_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys], v[:, :, keys]
             g_out = grad_out[:, :, start:stop]
-            keep = ctx.keeps[index]
-            a = _softmax_scores(q_c, k_c, table, n_context)  # (H, B, b, L+N)
+            keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
             if mask_col is not None:
                 total = _per_head(a, lambda x: x @ mask_col) + ctx.renorm_eps  # (H, B, b, 1)
                 g_out = g_out / total
@@ -202,6 +218,7 @@ class _ChunkedAttention(torch.autograd.Function):
             # Softmax backward, in place: ds = a (dL/da - sum_k a_k dL/da_k).
             g -= (a * g).sum(-1, keepdim=True)
             g *= a
+            ctx.probs[index] = None  # free as we go
             ds_keys = _unband_into(grad_buffers, g[..., :n_context], keys, n_context)
             dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
             dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c

@@ -23,6 +23,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ATTN_IMPLS = ("auto", "chunked", "reference")
+
+
 class _Section:
     """Shared behaviour of the config sections: dict round trip and replacement."""
 
@@ -73,6 +76,11 @@ class ModelConfig(_Section):
         "epsilon of the span renormalisation a/(sum(a)+eps); 1e-8 is the original's, "
         "0 makes trimming exact",
     )
+    attn_impl: str = _field(
+        "auto",
+        "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
+        "block), or auto (chunked); all compute the same function",
+    )
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "attn_span", "span_ramp"):
@@ -102,6 +110,10 @@ class ModelConfig(_Section):
             f"--model.span_loss_coef ({self.span_loss_coef}) must be >= 0",
         )
         _require(self.renorm_eps >= 0.0, f"--model.renorm_eps ({self.renorm_eps}) must be >= 0")
+        _require(
+            self.attn_impl in ATTN_IMPLS,
+            f"--model.attn_impl ({self.attn_impl}) must be one of {', '.join(ATTN_IMPLS)}",
+        )
 
     @property
     def head_dim(self) -> int:

@@ -49,6 +49,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.renorm_eps = config.renorm_eps
+        self.impl = config.attn_impl
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
@@ -83,6 +84,7 @@ class MultiHeadAttention(nn.Module):
             renorm_eps=self.renorm_eps,
             dropout=self.dropout,
             training=self.training,
+            impl=self.impl,
         )  # (B, H, M, D)
         return self.out_proj(out.transpose(1, 2).reshape(batch, n_queries, d_model))
 
