@@ -126,14 +126,6 @@ def _band(full: Tensor, n_context: int) -> Tensor:
     return full.as_strided((batch, n_heads, rows, n_context), (stride[0], stride[1], width + 1, 1))
 
 
-def _unband(band: Tensor, width: int) -> Tensor:
-    """The inverse of `_band`: a zero (B, H, b, width) matrix holding `band` on its diagonal strip."""
-    batch, n_heads, rows, n_context = band.shape
-    full = band.new_zeros(batch, n_heads, rows, width)
-    _band(full, n_context).copy_(band)
-    return full
-
-
 class _ChunkedAttention(torch.autograd.Function):
     """`attend` in chunks of queries, each scored against only the b + L - 1 keys it can see.
 
@@ -150,7 +142,7 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout, chunk):
         # Work head-major, (H, B, ...), so that per-head tables meet (H, B*b, D) matrices.
         q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))  # (H, B, *, D)
-        n_heads, batch, n_queries, head_dim = q.shape
+        n_queries, head_dim = q.shape[2:]
         n_context = k.size(2) - n_queries
         ctx.scale = 1.0 / math.sqrt(head_dim)
         ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
@@ -273,7 +265,7 @@ def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int) -> 
 
 
 def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tensor]:
-    """Dropout keep-masks (context, persistent); the persistent slots draw first (as the original)."""
+    """Dropout keep-masks (context, persistent); persistent slots draw first, as the original."""
     keep_mem = torch.rand_like(a[..., n_context:]) >= dropout
     keep_ctx = torch.rand_like(a[..., :n_context]) >= dropout
     return keep_ctx, keep_mem
