@@ -251,7 +251,7 @@ def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
             "results": [r.__dict__ for r in results],
         }
     else:
-        _overrides(extra)  # validate before starting processes
+        load_preset(args.preset).override(_overrides(extra))  # user errors before any process
         argv = [args.preset, *extra]
         shipped = bench.train_step_benchmark(argv, args.steps, allocator)
         payload = {"preset": args.preset, "overrides": extra, "steps": args.steps, **shipped}

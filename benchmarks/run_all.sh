@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The benchmark set behind docs/PERFORMANCE.md. Writes JSON to benchmarks/results/ and prints
+# the tables. About 10 minutes on a 2-core machine. Run from anywhere: bash benchmarks/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+A="${ALLATTN:-.venv/bin/allattn}"
+mkdir -p benchmarks/results
+"$A" bench layer --out benchmarks/results/layer_kept.json
+"$A" bench layer --default-allocator --out benchmarks/results/layer_default.json
+"$A" bench train-step --preset tiny --model.n_layers 4 --model.d_model 512 \
+    --model.n_persistent 1024 --model.attn_span 1024 --model.span_init 1.0 \
+    --train.block_size 512 --train.batch_size 4 --steps 4 --compare \
+    --out benchmarks/results/train_step_d512.json
+"$A" bench train-step --preset tiny --steps 20 --compare --out benchmarks/results/train_step_tiny.json

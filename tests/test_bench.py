@@ -1,0 +1,67 @@
+"""The benchmark harness: FLOP accounting, allocator settings, train-step measurement, errors."""
+
+from __future__ import annotations
+
+import json
+
+from allattn import bench
+from allattn.cli import main
+
+
+def test_layer_flops_accounting():
+    batch, block, context, heads, head_dim, n_mem = 2, 8, 24, 2, 4, 5
+    d = heads * head_dim
+    q_and_o = 2 * 3 * (2 * batch * block * d * d)  # forward, input grad, weight grad
+    k_and_v = 2 * (2 * 2 * batch * (context + block) * d * d + 2 * batch * block * d * d)
+    attention = 3 * 2 * batch * heads * block * head_dim * (3 * context + 2 * n_mem)
+    assert bench.layer_flops(batch, block, context, heads, head_dim, n_mem) == (
+        q_and_o + k_and_v + attention
+    )
+
+
+def test_allocator_settings_apply_on_glibc():
+    assert bench.keep_allocations() is True
+
+
+def test_layer_case_measures_the_layer():
+    result = bench._layer_case("small", "chunked", 1)
+    assert result["context"] == 256 and result["tokens"] == 8 * 128
+    assert result["seconds"] > 0 and result["flops"] > 0 and result["peak_mb"] >= 0
+
+
+def test_train_step_case_reports_throughput_and_memory():
+    argv = ["tiny", "--model.n_layers", "1", "--train.block_size", "16", "--train.batch_size", "2"]
+    result = bench.train_step_case(argv, 2)
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["parameters"] > 0
+
+
+def test_train_step_cli_prints_json_last(capsys):
+    argv = [
+        "bench",
+        "train-step",
+        "--preset",
+        "tiny",
+        "--model.n_layers",
+        "1",
+        "--train.block_size",
+        "16",
+        "--train.batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ]
+    assert main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"tokens_per_s", "peak_rss_mb"} <= set(last)
+
+
+def test_bench_errors_are_one_line(capsys):
+    for argv, message in (
+        (["bench", "layer", "--sizes", "huge"], "unknown size 'huge'"),
+        (["bench", "train-step", "--model.bogus", "1"], "unknown flag --model.bogus"),
+        (["bench", "layer", "--model.n_layers", "2"], "unrecognized arguments"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
