@@ -285,6 +285,7 @@ def test_dropout_changes_training_only():
 
 if __name__ == "__main__":
     # `python tests/test_model.py`: the largest differences to the reference, for the README.
-    for name, case in CASES.items():
-        found = compare(case["config"], case.get("z"))
-        print(f"{name:46s}" + "  ".join(f"{k} {v:.1e}" for k, v in found.items()))
+    for impl in ("chunked", "reference"):
+        for name, case in CASES.items():
+            found = compare(case["config"].replace(attn_impl=impl), case.get("z"))
+            print(f"{impl:9s} {name:46s}" + "  ".join(f"{k} {v:.1e}" for k, v in found.items()))

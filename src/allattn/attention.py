@@ -126,24 +126,25 @@ def attend(
 def _band(full: Tensor, n_context: int) -> Tensor:
     """View of each query's L keys in a chunk's score matrix: band[..., r, c] = full[..., r, r + c].
 
-    `full` is (B, H, b, b + L - 1) and contiguous; key column c of query r is the key at
-    distance L - c ("key order": oldest first).
+    `full` is (H, B, b, b + L - 1) (any two leading dimensions) with contiguous rows; key
+    column c of query r is the key at distance L - c ("key order": oldest first).
     """
-    batch, n_heads, rows, width = full.shape
+    lead0, lead1, rows, width = full.shape
     stride = full.stride()
-    return full.as_strided((batch, n_heads, rows, n_context), (stride[0], stride[1], width + 1, 1))
+    return full.as_strided((lead0, lead1, rows, n_context), (stride[0], stride[1], width + 1, 1))
 
 
 class _ChunkedAttention(torch.autograd.Function):
     """`attend` in chunks of queries, each scored against only the b + L - 1 keys it can see.
 
-    Forward keeps each chunk's softmax (B, H, b, L+N) for the backward pass and nothing of size
-    M x (L+M); no score matrix over all rows is ever formed. The position term
+    Internally head-major, (H, B, ...). Forward keeps each chunk's softmax (H, B, b, L+N) for
+    the backward pass; no score matrix over all L + M rows is ever formed. The position term
     and the persistent scores come from one matmul with a per-head table [p_L ... p_1 ; m_k]
-    (L + N rows); the mask is applied while copying the band of weights into the key matrix,
-    and the renormalisation 1 / Z is applied to the (b, D) output. The gradient of the span mask
-    is returned for every key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0
-    there), so the span parameter gets the original's gradient (DESIGN §2.4).
+    (L + N rows); a * m is written straight into the band of a reused key matrix; Z comes out
+    of the value matmul through a ones column and 1 / Z is applied to the (b, D) output.
+    Backward uses sum_i w_i dL/dw_i = dO . out, and returns the span mask's gradient for every
+    key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0 there), so the span
+    parameter gets the original's gradient (DESIGN §2.4).
     """
 
     @staticmethod
