@@ -155,10 +155,9 @@ def test_batch_split_gives_the_same_gradients_loss_and_caches():
 
 def test_spans_are_clamped_and_loss_decreases(tmp_path, data_dir):
     config = small_config(data_dir, steps=40, eval_interval=20)
-    config = RunConfig(
+    config = config.replace(
         model=config.model.replace(span_loss_coef=5.0),  # pushes z below 0 without the clamp
         optim=config.optim.replace(optimizer="adam", lr=0.01, grad_clip=1.0),
-        train=config.train,
     )
     train.run(config, tmp_path / "r", progress=False)
     ckpt = checkpoint.load(tmp_path / "r" / train.LAST)
@@ -182,9 +181,7 @@ def test_run_directory_is_never_clobbered(tmp_path, data_dir, capsys):
         train.run(small_config(data_dir, steps=4), run_dir, progress=False)
     assert (run_dir / train.LAST).read_bytes() == before
     changed = small_config(data_dir, steps=8)
-    changed = RunConfig(
-        model=changed.model.replace(n_layers=3), optim=changed.optim, train=changed.train
-    )
+    changed = changed.replace(model=changed.model.replace(n_layers=3))
     with pytest.raises(ConfigError, match=r"cannot change --model\.n_layers when resuming"):
         train.run(changed, run_dir, resume=True, progress=False)
     with pytest.raises(ConfigError, match=r"cannot change --train\.batch_size when resuming"):
@@ -198,7 +195,7 @@ def test_fine_tuning_resumes_with_a_new_learning_rate(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     train.run(small_config(data_dir, steps=8), run_dir, progress=False)
     tuned = small_config(data_dir, steps=12)
-    tuned = RunConfig(model=tuned.model, optim=tuned.optim.replace(lr=0.005), train=tuned.train)
+    tuned = tuned.replace(optim=tuned.optim.replace(lr=0.005))
     train.run(tuned, run_dir, resume=True, progress=False)
     last = [json.loads(r) for r in (run_dir / train.METRICS).read_text().splitlines()][-1]
     assert last["step"] == 12 and last["lr"] == 0.005  # warm-up long over: the new lr at once

@@ -143,7 +143,7 @@ def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
             model_config = model_config.replace(vocab_size=len(load_corpus(data).vocab))
         with torch.device("meta"):
             n_params = AllAttentionLM(model_config).num_parameters()
-        print(RunConfig(model=model_config, optim=config.optim, train=config.train).to_toml())
+        print(config.replace(model=model_config).to_toml())
         print(
             f"# {model_config.kind} model: {n_params:,} parameters "
             f"(vocab_size {model_config.vocab_size})"

@@ -233,6 +233,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
 
+    def replace(self, **sections: Any) -> RunConfig:
+        """A copy with whole sections replaced, e.g. `config.replace(model=new_model_config)`."""
+        return dataclasses.replace(self, **sections)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         unknown = sorted(set(values) - set(SECTIONS))

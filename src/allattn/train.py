@@ -272,11 +272,7 @@ def run(
     corpus = load_corpus(config.train.data)
     if config.model.vocab_size != len(corpus.vocab):
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
-        config = RunConfig(
-            model=config.model.replace(vocab_size=len(corpus.vocab)),
-            optim=config.optim,
-            train=config.train,
-        )
+        config = config.replace(model=config.model.replace(vocab_size=len(corpus.vocab)))
     trainer = Trainer(config, corpus, run_dir)
     metrics_path = run_dir / METRICS
     if resume:
