@@ -12,28 +12,12 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from allattn import attention, bench
-from allattn.config import ModelConfig
-from allattn.model import AllAttentionLayer
 
 
 def main(size: str, variants: list[str], rounds: int = 5) -> None:
     bench.keep_allocations()
-    batch, block, span, heads, head_dim, n_mem, z = bench.LAYER_SIZES[size]
-    config = ModelConfig(
-        d_model=heads * head_dim,
-        n_heads=heads,
-        n_persistent=n_mem,
-        attn_span=span,
-        span_init=z,
-    )
-    torch.manual_seed(0)
-    layer = AllAttentionLayer(config)
-    pos = torch.nn.Parameter(torch.randn(span, head_dim))
-    h = torch.randn(batch, block, config.d_model, requires_grad=True)
-    cache = torch.randn(batch, layer.cache_size(), config.d_model)
+    layer, step = bench.layer_step(size, "chunked")
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(rounds):
         for variant in variants:
@@ -42,8 +26,7 @@ def main(size: str, variants: list[str], rounds: int = 5) -> None:
                 attention.CHUNK = int(variant)
             for timed in (False, True):
                 start = time.perf_counter()
-                out, _ = layer(h, cache, pos)
-                out.sum().backward()
+                step()
                 if timed:
                     best[variant] = min(best[variant], time.perf_counter() - start)
     reference = best.get("ref")

@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,8 @@ class LayerResult:
     peak_mb: float
 
 
-def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
-    """Runs in a child process: one layer, forward + backward, best of `repeats`."""
+def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
+    """A layer of one of the LAYER_SIZES and a function running its forward + backward."""
     from .config import ModelConfig
     from .model import AllAttentionLayer
 
@@ -119,12 +120,20 @@ def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
     pos = torch.nn.Parameter(torch.randn(span, head_dim))
     h = torch.randn(batch, block, config.d_model, requires_grad=True)
     cache = torch.randn(batch, layer.cache_size(), config.d_model)
-    context = layer.context_length()
-    base = current_rss_mb()
 
-    def step():
+    def step() -> None:
         out, _ = layer(h, cache, pos)
         out.sum().backward()
+
+    return layer, step
+
+
+def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
+    """Runs in a child process: one layer, forward + backward, best of `repeats`."""
+    batch, block, _, heads, head_dim, n_mem, _ = LAYER_SIZES[size]
+    layer, step = layer_step(size, impl)
+    context = layer.context_length()
+    base = current_rss_mb()
 
     step()
     best = math.inf
