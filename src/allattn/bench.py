@@ -209,12 +209,11 @@ def layer_benchmark(
 
 def train_step_case(argv: list[str], steps: int) -> dict[str, Any]:
     """Runs in a child process: `steps` training steps of a preset with overrides."""
-    from .cli import _overrides
-    from .config import load_preset
+    from .config import load_preset, parse_overrides
     from .data import char_corpus
     from .train import Trainer
 
-    preset, assignments = argv[0], _overrides(argv[1:])
+    preset, assignments = argv[0], parse_overrides(argv[1:])
     config = load_preset(preset).override(assignments)
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(200_000))  # synthetic characters
     block = config.train.block_size * config.train.batch_size

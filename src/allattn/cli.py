@@ -14,7 +14,7 @@ from typing import NoReturn
 import torch
 
 from . import __version__, bench, checkpoint, evaluate, train
-from .config import RunConfig, load_preset, preset_names
+from .config import RunConfig, load_preset, parse_overrides, preset_names
 from .data import DEFAULT_SPLIT, SPLITS, load_corpus
 from .model import AllAttentionLM
 from .original import ImportOptions, import_original
@@ -95,26 +95,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train, overrides=True)
 
 
-def _overrides(extra: list[str]) -> dict[str, str]:
-    """`--section.field VALUE` / `--section.field=VALUE` pairs -> {"section.field": "VALUE"}."""
-    assignments, i = {}, 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise UsageError(f"allattn train: error: unrecognized argument {arg}")
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(extra):
-                raise UsageError(f"allattn train: error: --{key} needs a value")
-            value = extra[i + 1]
-            i += 1
-        assignments[key] = value
-        i += 1
-    return assignments
-
-
 def _train_config(args: argparse.Namespace, extra: list[str]) -> tuple[RunConfig, Path]:
-    assignments = _overrides(extra)
+    assignments = parse_overrides(extra)
     if args.data is not None:
         assignments["train.data"] = args.data
     if args.resume:
@@ -251,7 +233,7 @@ def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
             "results": [r.__dict__ for r in results],
         }
     else:
-        load_preset(args.preset).override(_overrides(extra))  # user errors before any process
+        load_preset(args.preset).override(parse_overrides(extra))  # errors before any process
         argv = [args.preset, *extra]
         shipped = bench.train_step_benchmark(argv, args.steps, allocator)
         payload = {"preset": args.preset, "overrides": extra, "steps": args.steps, **shipped}

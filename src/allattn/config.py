@@ -267,6 +267,22 @@ class RunConfig:
         return "\n".join(lines)
 
 
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`--section.field VALUE` / `--section.field=VALUE` pairs -> {"section.field": "VALUE"}."""
+    assignments, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        _require(arg.startswith("--") and "." in arg, f"unrecognized argument {arg}")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            _require(i + 1 < len(argv), f"--{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        assignments[key] = value
+        i += 1
+    return assignments
+
+
 def _parse(key: str, text: str, kind: Any) -> Any:
     kind = kind if isinstance(kind, str) else kind.__name__
     try:
