@@ -20,6 +20,7 @@ def test_round_trip(tmp_path):
     checkpoint.save(path, model, vocab=VOCAB, meta={"step": 7})
     loaded, ckpt = checkpoint.load_model(path)
     assert ckpt.config == CFG and ckpt.vocab == VOCAB and ckpt.meta == {"step": 7}
+    assert checkpoint.load_meta(path) == {"step": 7}  # from the header alone
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
     assert not loaded.training
@@ -54,6 +55,9 @@ def test_bad_files_give_one_line_errors(tmp_path, capsys):
             path.write_bytes(content)
         with pytest.raises(CheckpointError):
             checkpoint.load(path)
+        if name != "truncated.safetensors":  # its header is intact; only tensors are cut
+            with pytest.raises(CheckpointError):
+                checkpoint.load_meta(path)
         assert main(["info", str(path)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and name in err

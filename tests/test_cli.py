@@ -124,3 +124,13 @@ def test_user_errors_are_one_line_with_status_2(argv, message, capsys, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in one_line(capsys)
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    small = ["--model.n_layers", "1", "--train.eval_interval", "2", "--no-progress"]
+    assert main(["train", "--out", run, "--train.steps", "2", *small]) == 0
+    assert main(["train", "--out", run, "--resume", "--train.steps", "4", "--no-progress"]) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+    assert main(["train", "--out", run, "--preset", "tiny", "--resume"]) == 2
+    assert "--resume takes the config from the run" in one_line(capsys)

@@ -150,24 +150,17 @@ def save(
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
-    # safetensors layout: 8-byte little-endian header length, then the JSON header.
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(size))
-    return header.get("__metadata__") or {}
-
-
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint (tensors on the CPU). Errors name the file and the problem."""
-    path = Path(path)
+    """The checked JSON metadata of an allattn checkpoint, read from the header alone."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    # safetensors layout: 8-byte little-endian header length, then the JSON header.
     try:
-        metadata = _read_metadata(path)
-        tensors = load_tensors(path.read_bytes())
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise CheckpointError(f"{path}: not a safetensors file")
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         raise CheckpointError(f"{path}: corrupt checkpoint ({error})") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an allattn checkpoint")
@@ -176,6 +169,26 @@ def load(path: str | Path) -> Checkpoint:
             f"{path}: checkpoint format version {metadata.get('version')}, "
             f"this allattn reads version {VERSION}"
         )
+    return metadata
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """Only a checkpoint's `meta` (step, run config, ...), without reading its tensors."""
+    path = Path(path)
+    try:
+        return json.loads(_read_metadata(path)["meta"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint (tensors on the CPU). Errors name the file and the problem."""
+    path = Path(path)
+    metadata = _read_metadata(path)
+    try:
+        tensors = load_tensors(path.read_bytes())
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({error})") from None
     try:
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
         vocab_values = json.loads(metadata["vocab"])

@@ -105,10 +105,10 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> tuple[RunConfig
         if not args.out:
             raise UsageError("allattn train: error: --resume needs --out RUN_DIR")
         run_dir = Path(args.out)
-        saved = checkpoint.load(run_dir / train.LAST)
-        if "run_config" not in saved.meta:
+        meta = checkpoint.load_meta(run_dir / train.LAST)  # the header only: no tensors
+        if "run_config" not in meta:
             raise UsageError(f"allattn train: error: {run_dir} is not a training run")
-        base = RunConfig.from_dict(saved.meta["run_config"])
+        base = RunConfig.from_dict(meta["run_config"])
     else:
         preset = args.preset or "tiny"
         base = load_preset(preset)
