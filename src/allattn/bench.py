@@ -151,7 +151,6 @@ def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
 
 
 def _child(args: list[str], allocator: bool) -> dict[str, Any]:
-    env = dict(os.environ)
     code = (
         "import json, sys; from allattn import bench; "
         f"bench.keep_allocations() if {allocator} else None; "
@@ -161,7 +160,6 @@ def _child(args: list[str], allocator: bool) -> dict[str, Any]:
         [sys.executable, "-c", code, json.dumps(args[1:])],
         capture_output=True,
         text=True,
-        env=env,
         check=False,
     )
     if out.returncode:
@@ -180,14 +178,15 @@ def layer_benchmark(
     """Each (size, kernel) in its own process, the kernels interleaved over `rounds` rounds
     (the machine's load drifts), keeping each one's best time and its largest peak memory."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
+    peak_mb: dict[tuple[str, str], float] = {}
     for _ in range(rounds):
         for size in sizes:
             for impl in impls:
+                case = (size, impl)
                 r = _child(["_layer_case", size, impl, repeats], allocator)
-                old = best.get((size, impl))
-                if old is None or r["seconds"] < old["seconds"]:
-                    r["peak_mb"] = max(r["peak_mb"], old["peak_mb"] if old else 0.0)
-                    best[(size, impl)] = r
+                peak_mb[case] = max(peak_mb.get(case, 0.0), r["peak_mb"])
+                if case not in best or r["seconds"] < best[case]["seconds"]:
+                    best[case] = r
     results = []
     for size in sizes:
         for impl in impls:
@@ -201,7 +200,7 @@ def layer_benchmark(
                     tokens_per_s=r["tokens"] / r["seconds"],
                     gflops=gflops,
                     peak_fraction=gflops / peak,
-                    peak_mb=r["peak_mb"],
+                    peak_mb=peak_mb[(size, impl)],
                 )
             )
     return results
