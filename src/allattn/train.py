@@ -155,19 +155,30 @@ class Trainer:
         self.best_valid_loss = math.inf
 
     # -- one step and one validation ---------------------------------------------------------
+    def _next_block(self, streams: Streams, cache: Cache, backward: bool) -> tuple[float, Cache]:
+        """Read the next block of `streams` and run it; the caches are zeroed in place (lengths
+        kept) when the streams wrap around after it."""
+        x, y, wrapped = streams.next_block()
+        loss, cache = run_block(
+            self.model,
+            x.to(self.device),
+            y.to(self.device),
+            cache,
+            self.config.train.batch_split,
+            self.amp,
+            backward,
+        )
+        if wrapped:
+            for c in cache:
+                c.zero_()
+        return loss, cache
+
     def train_step(self) -> tuple[float, dict[str, float]]:
         self.model.train()
-        x, y, wrapped = self.train_streams.next_block()
-        x, y = x.to(self.device), y.to(self.device)
-        loss, self.train_cache = run_block(
-            self.model, x, y, self.train_cache, self.config.train.batch_split, self.amp, True
-        )
+        loss, self.train_cache = self._next_block(self.train_streams, self.train_cache, True)
         stats = self.optimizer.step()
         self.optimizer.zero_grad()
         self.model.clamp_spans()
-        if wrapped:
-            for c in self.train_cache:
-                c.zero_()
         self.step += 1
         return loss, stats
 
@@ -177,20 +188,8 @@ class Trainer:
         self.model.eval()
         total = 0.0
         for _ in range(self.valid_blocks):
-            x, y, wrapped = self.valid_streams.next_block()
-            loss, self.valid_cache = run_block(
-                self.model,
-                x.to(self.device),
-                y.to(self.device),
-                self.valid_cache,
-                self.config.train.batch_split,
-                self.amp,
-                False,
-            )
+            loss, self.valid_cache = self._next_block(self.valid_streams, self.valid_cache, False)
             total += loss
-            if wrapped:
-                for c in self.valid_cache:
-                    c.zero_()
         return total / self.valid_blocks
 
     # -- checkpoints -------------------------------------------------------------------------
