@@ -173,7 +173,7 @@ class _ChunkedAttention(torch.autograd.Function):
             keep = _draw_keep(a, n_context, dropout) if dropout else None
             keeps.append(keep)
             probs.append(a)
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context)
             o = weights @ v_ext[:, :, keys]  # (H, B, b, D (+1))
             if mem_val is not None:
                 o += _per_head(mem_weights, lambda x: x @ mem_ext)
@@ -213,7 +213,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 total = ctx.totals[index]  # (H, B, b, 1)
                 g_out = g_out / total
             # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys)
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context)
             dv[:, :, keys] += weights.transpose(-1, -2) @ g_out
             if mem_val is not None:
                 dmem_val += _flat(mem_weights).transpose(-1, -2) @ _flat(g_out)
@@ -238,7 +238,8 @@ class _ChunkedAttention(torch.autograd.Function):
             else:
                 g -= mean_g  # no renormalisation: sum_k a_k dL/da_k = sum_i w_i g_i
             g *= a  # softmax backward: ds = a (dL/da - sum_k a_k dL/da_k)
-            ds_keys = _unband_into(grad_buffers, g[..., :n_context], keys, n_context)
+            ds_keys = _key_matrix(grad_buffers, g, keys.stop - keys.start)
+            _band(ds_keys, n_context).copy_(g[..., :n_context])
             dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
             dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c
             dtable_c = _flat(g).transpose(-1, -2) @ _flat(q_c)  # (H, L+N, D)
@@ -298,35 +299,26 @@ def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tenso
     return keep_ctx, keep_mem
 
 
-def _unband_into(
-    buffers: dict[int, Tensor],
-    band: Tensor | None,
-    keys: slice,
-    n_context: int,
-    like: Tensor | None = None,
-) -> Tensor:
-    """`band` (H, B, b, L) written into a reused zero (H, B, b, b + L - 1) key matrix (or, for
-    band=None, the matrix for the caller to fill its band; off the band it stays 0)."""
-    width = keys.stop - keys.start
-    template = band if band is not None else like
+def _key_matrix(buffers: dict[int, Tensor], like: Tensor, width: int) -> Tensor:
+    """A zero (H, B, b, width) matrix reused across chunks: callers write only its band, so
+    off the band it stays 0."""
     full = buffers.get(width)
     if full is None:
-        full = buffers[width] = template.new_zeros(*template.shape[:-1], width)
-    if band is not None:
-        _band(full, n_context).copy_(band)
+        full = buffers[width] = like.new_zeros(*like.shape[:-1], width)
     return full
 
 
-def _masked_band(ctx, a: Tensor, mask_rev, keep, buffers, keys) -> tuple[Tensor, Tensor]:
+def _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context) -> tuple[Tensor, Tensor]:
     """Unnormalised weights a * m (* keep / (1 - p)) as a key matrix, and the persistent ones."""
-    n_context = keys.stop - keys.start - a.size(2) + 1
     a_ctx, a_mem = a[..., :n_context], a[..., n_context:]
     if keep is not None:
         scale = 1.0 / (1.0 - ctx.dropout)
         a_ctx = a_ctx * keep[0] * scale
         a_mem = a_mem * keep[1] * scale
+    full = _key_matrix(buffers, a_ctx, keys.stop - keys.start)
+    band = _band(full, n_context)
     if mask_rev is None:
-        return _unband_into(buffers, a_ctx, keys, n_context), a_mem
-    full = _unband_into(buffers, None, keys, n_context, like=a_ctx)
-    torch.mul(a_ctx, mask_rev, out=_band(full, n_context))  # one pass, straight into the band
+        band.copy_(a_ctx)
+    else:
+        torch.mul(a_ctx, mask_rev, out=band)  # one pass, straight into the band
     return full, a_mem
