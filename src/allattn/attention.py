@@ -198,48 +198,55 @@ class _ChunkedAttention(torch.autograd.Function):
         n_queries = q.size(2)
         n_context = k.size(2) - n_queries
         table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
-        mask_full = mask_col.transpose(-1, -2)[:, None] if mask_col is not None else None
+        renorm = mask_col is not None
+        mask_full = mask_col.transpose(-1, -2)[:, None] if renorm else None  # (H, 1, 1, L+N)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtable = torch.zeros_like(table)
-        dmask_rev = torch.zeros_like(span_mask) if span_mask is not None else None
+        dmask_rev = torch.zeros_like(span_mask) if renorm else None
         dmem_val = torch.zeros_like(mem_val) if mem_val is not None else None
-        buffers: dict[int, Tensor] = {}
-        grad_buffers: dict[int, Tensor] = {}
+        buffers: dict[int, Tensor] = {}  # a * m as key matrices (zero off the band)
+        grad_buffers: dict[int, Tensor] = {}  # ds as key matrices (zero off the band)
+        g = None  # dL/dw by [context in key order ; persistent], reused by every chunk
         for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
             q_c, k_c, v_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys], v[:, :, keys]
             g_out = grad_out[:, :, start:stop]
             keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
-            if mask_col is not None:
+            if g is None or g.shape != a.shape:
+                g = torch.empty_like(a)
+            mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
+            if renorm:
                 total = ctx.totals[index]  # (H, B, b, 1)
-                g_out = g_out / total
+                g_out = g_out / total  # g below holds dL/dw / Z
+                mean_g = mean_g / total
             # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
             weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context)
             dv[:, :, keys] += weights.transpose(-1, -2) @ g_out
             if mem_val is not None:
                 dmem_val += _flat(mem_weights).transpose(-1, -2) @ _flat(g_out)
-            # g = dL/dw (times 1 / Z when renormalised), by key in key order, then the mem slots.
-            g = torch.empty_like(a)
-            g[..., :n_context] = _band(g_out @ v_c.transpose(-1, -2), n_context)
-            if mem_val is not None:
-                g[..., n_context:] = _per_head(g_out, lambda x: x @ mem_val.transpose(-1, -2))
-            if keep is not None:
-                g[..., :n_context] *= keep[0]
-                g[..., n_context:] *= keep[1]
-                g *= 1.0 / (1.0 - ctx.dropout)
-            mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
-            if mask_full is not None:
-                # w = u / Z, u = a m: dL/du = (g - sum_i w_i g_i) / Z (g holds g / Z already),
-                # dL/dm = a dL/du, and the softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k,
-                # which is (sum_i w_i g_i) eps / Z since sum_k u_k = Z - eps.
-                g -= mean_g / total
-                dmask_rev += (a[..., :n_context] * g[..., :n_context]).sum(dim=(1, 2))
-                inner = mean_g * (ctx.renorm_eps / total)
-                g = torch.addcmul(-inner, g, mask_full)  # dL/da - sum_k a_k dL/da_k
+            # g - sum_i w_i g_i, written straight into g: context by key in key order, then
+            # the persistent slots (for dropout, the keep masks scale g first).
+            g_ctx, g_mem = g[..., :n_context], g[..., n_context:]
+            content = _band(g_out @ v_c.transpose(-1, -2), n_context)
+            memory = _per_head(g_out, lambda x: x @ mem_val.transpose(-1, -2)) if g_mem.numel() else None
+            if keep is None:
+                torch.sub(content, mean_g, out=g_ctx)
+                if memory is not None:
+                    torch.sub(memory, mean_g, out=g_mem)
             else:
-                g -= mean_g  # no renormalisation: sum_k a_k dL/da_k = sum_i w_i g_i
-            g *= a  # softmax backward: ds = a (dL/da - sum_k a_k dL/da_k)
+                torch.mul(content, keep[0], out=g_ctx)
+                if memory is not None:
+                    torch.mul(memory, keep[1], out=g_mem)
+                g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
+            g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
+            if renorm:
+                # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
+                # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
+                # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).
+                dmask_rev += g_ctx.sum(dim=(1, 2))
+                g.mul_(mask_full).addcmul_(a, mean_g, value=-ctx.renorm_eps)
+            # else ds = a (g - sum_i w_i g_i) = t: no renormalisation, sum_k a_k g_k = mean_g
             ds_keys = _key_matrix(grad_buffers, g, keys.stop - keys.start)
-            _band(ds_keys, n_context).copy_(g[..., :n_context])
+            _band(ds_keys, n_context).copy_(g_ctx)
             dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
             dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c
             dtable_c = _flat(g).transpose(-1, -2) @ _flat(q_c)  # (H, L+N, D)
