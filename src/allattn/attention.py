@@ -34,8 +34,10 @@ def _low_precision(q: Tensor) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)
 
 
-CHUNK = 128
-"""Queries per chunk of the chunked kernel (measured best at the paper's sizes on CPU)."""
+CHUNK = 64
+"""Queries per chunk of the chunked kernel: a chunk scores b + L - 1 keys for L needed, and
+64 measured at least as fast as 32, 128 or 256 at the `small` and `paper` sizes on CPU
+(benchmarks/chunk_sizes.py)."""
 
 
 def band_index(n_queries: int, n_context: int, device: torch.device) -> Tensor:
@@ -140,8 +142,9 @@ class _ChunkedAttention(torch.autograd.Function):
     Internally head-major, (H, B, ...). Forward keeps each chunk's softmax (H, B, b, L+N) for
     the backward pass; no score matrix over all L + M rows is ever formed. The position term
     and the persistent scores come from one matmul with a per-head table [p_L ... p_1 ; m_k]
-    (L + N rows); a * m is written straight into the band of a reused key matrix; Z comes out
-    of the value matmul through a ones column and 1 / Z is applied to the (b, D) output.
+    (L + N rows); a * m is written straight into the band of a reused key matrix; Z = a . m
+    is one matrix-vector product and 1 / Z is applied to the (b, D) output. Work tensors are
+    reused from chunk to chunk (`_Scratch`), and matmuls write into them.
     Backward uses sum_i w_i dL/dw_i = dO . out, and returns the span mask's gradient for every
     key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0 there), so the span
     parameter gets the original's gradient (DESIGN §2.4).
@@ -156,35 +159,25 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx.scale = 1.0 / math.sqrt(head_dim)
         ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
         table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
-        renorm = mask_col is not None
-        if renorm:  # a ones column in the values: W @ [V 1] gives the output and sum_j W_j
-            v_ext = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
-            mem_ext = None
-            if mem_val is not None:
-                mem_ext = torch.cat([mem_val, mem_val.new_ones(*mem_val.shape[:-1], 1)], -1)
-        else:
-            v_ext, mem_ext = v, mem_val
         out = torch.empty_like(q)
-        buffers: dict[int, Tensor] = {}
+        scratch = _Scratch()
         keeps, probs, totals = [], [], []
         for start, stop, keys in _chunks(n_queries, n_context, chunk):
             q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
-            a = _softmax_scores(q_c, k[:, :, keys], table, n_context)  # (H, B, b, L+N)
+            a = _softmax_scores(q_c, k[:, :, keys], table, n_context, scratch)  # (H, B, b, L+N)
             keep = _draw_keep(a, n_context, dropout) if dropout else None
             keeps.append(keep)
             probs.append(a)
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context)
-            o = weights @ v_ext[:, :, keys]  # (H, B, b, D (+1))
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, scratch, n_context)
+            o = _matmul(scratch, "out", weights, v[:, :, keys])  # (H, B, b, D)
             if mem_val is not None:
-                o += _per_head(mem_weights, lambda x: x @ mem_ext)
-            if renorm:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps)
-                if keep is not None:  # the sums above saw the dropout masks: take them anew
-                    total = _per_head(a, lambda x: x @ mask_col) + renorm_eps
-                else:
-                    total = o[..., -1:] + renorm_eps  # (H, B, b, 1)
+                o += _per_head(mem_weights, lambda x: x @ mem_val)
+            if mask_col is None:
+                out[:, :, start:stop] = o
+            else:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps), before dropout
+                total = _per_head(a, lambda x: x @ mask_col).add_(renorm_eps)  # (H, B, b, 1)
                 totals.append(total)
-                o = o[..., :-1] / total
-            out[:, :, start:stop] = o
+                torch.div(o, total, out=out[:, :, start:stop])
         ctx.keeps, ctx.probs, ctx.totals = keeps, probs, totals
         ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val, out)
         return out.transpose(0, 1)  # (B, H, M, D)
@@ -204,30 +197,30 @@ class _ChunkedAttention(torch.autograd.Function):
         dtable = torch.zeros_like(table)
         dmask_rev = torch.zeros_like(span_mask) if renorm else None
         dmem_val = torch.zeros_like(mem_val) if mem_val is not None else None
-        buffers: dict[int, Tensor] = {}  # a * m as key matrices (zero off the band)
-        grad_buffers: dict[int, Tensor] = {}  # ds as key matrices (zero off the band)
-        g = None  # dL/dw by [context in key order ; persistent], reused by every chunk
+        scratch = _Scratch()
         for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
             q_c, k_c, v_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys], v[:, :, keys]
             g_out = grad_out[:, :, start:stop]
             keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
-            if g is None or g.shape != a.shape:
-                g = torch.empty_like(a)
+            g = scratch("g", a.shape, a)  # dL/dw by [context in key order ; persistent]
             mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
             if renorm:
                 total = ctx.totals[index]  # (H, B, b, 1)
                 g_out = g_out / total  # g below holds dL/dw / Z
                 mean_g = mean_g / total
             # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context)
-            dv[:, :, keys] += weights.transpose(-1, -2) @ g_out
+            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, scratch, n_context)
+            dv[:, :, keys] += _matmul(scratch, "dkv", weights.transpose(-1, -2), g_out)
             if mem_val is not None:
-                dmem_val += _flat(mem_weights).transpose(-1, -2) @ _flat(g_out)
+                dmem_val.baddbmm_(_flat(mem_weights).transpose(-1, -2), _flat(g_out))
             # g - sum_i w_i g_i, written straight into g: context by key in key order, then
             # the persistent slots (for dropout, the keep masks scale g first).
             g_ctx, g_mem = g[..., :n_context], g[..., n_context:]
-            content = _band(g_out @ v_c.transpose(-1, -2), n_context)
-            memory = _per_head(g_out, lambda x: x @ mem_val.transpose(-1, -2)) if g_mem.numel() else None
+            content = _band(_matmul(scratch, "keys", g_out, v_c.transpose(-1, -2)), n_context)
+            memory = None
+            if mem_val is not None:
+                memory = _matmul(scratch, "memory", _flat(g_out), mem_val.transpose(-1, -2))
+                memory = memory.view(g_mem.shape)
             if keep is None:
                 torch.sub(content, mean_g, out=g_ctx)
                 if memory is not None:
@@ -245,17 +238,27 @@ class _ChunkedAttention(torch.autograd.Function):
                 dmask_rev += g_ctx.sum(dim=(1, 2))
                 g.mul_(mask_full).addcmul_(a, mean_g, value=-ctx.renorm_eps)
             # else ds = a (g - sum_i w_i g_i) = t: no renormalisation, sum_k a_k g_k = mean_g
-            ds_keys = _key_matrix(grad_buffers, g, keys.stop - keys.start)
+            ds_keys = scratch("ds", (*g.shape[:-1], k_c.size(2)), g, zero=True)
             _band(ds_keys, n_context).copy_(g_ctx)
-            dq[:, :, start:stop] = (ds_keys @ k_c + _per_head(g, lambda x: x @ table)) * ctx.scale
-            dk[:, :, keys] += ds_keys.transpose(-1, -2) @ q_c
-            dtable_c = _flat(g).transpose(-1, -2) @ _flat(q_c)  # (H, L+N, D)
-            dtable += dtable_c if dtable.size(0) > 1 else dtable_c.sum(0, keepdim=True)
+            dq_c = _matmul(scratch, "dq", ds_keys, k_c)  # scaled after the loop
+            dq[:, :, start:stop] = dq_c.add_(_per_head(g, lambda x: x @ table))
+            dk[:, :, keys] += _matmul(scratch, "dkv", ds_keys.transpose(-1, -2), q_c)
+            if dtable.size(0) > 1:
+                dtable.baddbmm_(_flat(g).transpose(-1, -2), _flat(q_c))  # (H, L+N, D)
+            else:  # one position table shared by all heads (no persistent memory)
+                dtable += (_flat(g).transpose(-1, -2) @ _flat(q_c)).sum(0, keepdim=True)
+        dq *= ctx.scale
         dpos = dtable[:, :n_context].sum(0).flip(0)
         dmem_key = dtable[:, n_context:] if mem_key is not None else None
         dmask = dmask_rev.flip(-1) if dmask_rev is not None else None
         grads = (x.transpose(0, 1) for x in (dq, dk, dv))
         return *grads, dpos, dmask, dmem_key, dmem_val, None, None, None
+
+
+def _matmul(scratch: _Scratch, name: str, x: Tensor, y: Tensor) -> Tensor:
+    """x @ y into the scratch tensor `name` (batched over the leading dimensions)."""
+    out = scratch(name, (*x.shape[:-1], y.size(-1)), x)
+    return torch.matmul(x, y, out=out)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -292,11 +295,32 @@ def _tables(pos: Tensor, span_mask: Tensor | None, mem_key: Tensor | None):
     return table, mask_rev, mask_row[:, :, None].contiguous()  # (H, L+N, 1)
 
 
-def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int) -> Tensor:
+def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int, scratch) -> Tensor:
     """Softmax over [context in key order ; persistent] of one chunk; q_c is pre-scaled."""
-    scores = _per_head(q_c, lambda x: x @ table.transpose(-1, -2))  # position + persistent
-    scores[..., :n_context] += _band(q_c @ k_c.transpose(-1, -2), n_context)  # content
+    scores = _matmul(scratch, "scores", _flat(q_c), table.transpose(-1, -2))  # position, memory
+    scores = scores.view(*q_c.shape[:-1], -1)
+    content = _matmul(scratch, "keys", q_c, k_c.transpose(-1, -2))
+    scores[..., :n_context] += _band(content, n_context)
     return scores.softmax(-1)
+
+
+class _Scratch:
+    """Work tensors reused by the chunks of one call, by name and shape.
+
+    Reuse keeps the working set small and warm (a fresh large tensor costs page faults and
+    cache misses). A `zero` tensor is zeroed only when made: its users write only the band, so
+    off the band it stays 0 from chunk to chunk.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor, zero=False) -> Tensor:
+        tensor = self.tensors.get(name)
+        if tensor is None or tensor.shape != shape:
+            tensor = like.new_zeros(shape) if zero else like.new_empty(shape)
+            self.tensors[name] = tensor
+        return tensor
 
 
 def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tensor]:
@@ -306,23 +330,14 @@ def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tenso
     return keep_ctx, keep_mem
 
 
-def _key_matrix(buffers: dict[int, Tensor], like: Tensor, width: int) -> Tensor:
-    """A zero (H, B, b, width) matrix reused across chunks: callers write only its band, so
-    off the band it stays 0."""
-    full = buffers.get(width)
-    if full is None:
-        full = buffers[width] = like.new_zeros(*like.shape[:-1], width)
-    return full
-
-
-def _masked_band(ctx, a, mask_rev, keep, buffers, keys, n_context) -> tuple[Tensor, Tensor]:
+def _masked_band(ctx, a, mask_rev, keep, scratch, n_context) -> tuple[Tensor, Tensor]:
     """Unnormalised weights a * m (* keep / (1 - p)) as a key matrix, and the persistent ones."""
     a_ctx, a_mem = a[..., :n_context], a[..., n_context:]
     if keep is not None:
         scale = 1.0 / (1.0 - ctx.dropout)
         a_ctx = a_ctx * keep[0] * scale
         a_mem = a_mem * keep[1] * scale
-    full = _key_matrix(buffers, a_ctx, keys.stop - keys.start)
+    full = scratch("weights", (*a.shape[:-1], a.size(-2) + n_context - 1), a, zero=True)
     band = _band(full, n_context)
     if mask_rev is None:
         band.copy_(a_ctx)
