@@ -238,6 +238,52 @@ def train_step_benchmark(argv: list[str], steps: int, allocator: bool) -> dict[s
     return _child(["train_step_case", argv, steps], allocator)
 
 
+def generate_case(argv: list[str], new_tokens: int, recompute_tokens: int) -> dict[str, Any]:
+    """Generated tokens/s of a preset's model (random weights, batch 1, after a prompt that
+    fills every layer's cache): incremental decoding against recomputing the whole window."""
+    from .config import load_preset, parse_overrides
+    from .generate import Sampling, next_token, tokens
+    from .model import AllAttentionLM
+
+    config = load_preset(argv[0]).override(parse_overrides(argv[1:])).model
+    torch.manual_seed(0)
+    model = AllAttentionLM(config).eval()
+    window = config.attn_span
+    prompt = torch.randint(config.vocab_size, (1, window))
+    sampling = Sampling()
+
+    decoding = tokens(model, prompt, new_tokens + 1, sampling, seed=0)
+    next(decoding)  # the prompt, not timed
+    start = time.perf_counter()
+    for _ in decoding:
+        pass
+    incremental = new_tokens / (time.perf_counter() - start)
+
+    generator = torch.Generator().manual_seed(0)
+    sequence = prompt
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(recompute_tokens):  # the last S tokens from zero caches, every time
+            logprobs = model(sequence[:, -window:]).logprobs[:, -1]
+            sequence = torch.cat([sequence, next_token(logprobs, sampling, generator)[:, None]], 1)
+    recompute = recompute_tokens / (time.perf_counter() - start)
+    return {
+        "tokens_per_s": incremental,
+        "recompute_tokens_per_s": recompute,
+        "speedup": incremental / recompute,
+        "window": window,
+        "context": model.layers[0].context_length(),
+        "parameters": model.num_parameters(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def generate_benchmark(
+    argv: list[str], new_tokens: int, recompute_tokens: int, allocator: bool
+) -> dict[str, Any]:
+    return _child(["generate_case", argv, new_tokens, recompute_tokens], allocator)
+
+
 def format_layer_table(results: list[LayerResult], peak: float, allocator: bool) -> str:
     lines = [
         f"matmul peak {peak:.0f} GFLOP/s (float32, measured now); allocator: "

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import torch
 
-from . import __version__, bench, checkpoint, evaluate, train
+from . import __version__, bench, checkpoint, evaluate, generate, train
 from .config import RunConfig, load_preset, parse_overrides, preset_names
 from .data import DEFAULT_SPLIT, SPLITS, load_corpus
 from .model import AllAttentionLM
@@ -182,22 +182,75 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint, streamed as it is produced",
+        description="Continue a prompt with incremental decoding: the prompt goes through the "
+        "model in blocks, then one token per step with each layer's cached keys and values.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (best)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: always the likeliest")
+    p.add_argument("--top-k", type=int, help="draw among the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, help="draw from the nucleus of mass p only")
+    p.add_argument("--seed", type=int, help="same seed, same text (default: random)")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise UsageError(f"allattn: error: --max-new-tokens ({args.max_new_tokens}) is negative")
+    sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"allattn: error: {args.prompt_file} is not UTF-8 text") from None
+    ckpt = checkpoint.load(evaluate.checkpoint_path(args.checkpoint))
+    if ckpt.vocab is None:
+        raise checkpoint.CheckpointError(f"{args.checkpoint}: the checkpoint has no vocabulary")
+    model = ckpt.build_model().to(train.resolve_device(args.device))
+    pieces = generate.stream(
+        model, ckpt.vocab, prompt, args.max_new_tokens, sampling, seed=args.seed
+    )
+    if not args.no_echo:
+        sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "bench",
-        help="benchmark the attention layer per kernel, or a whole training step",
+        help="benchmark the attention layer per kernel, a whole training step, or generation",
         description="`allattn bench layer`: one layer forward+backward at the small, paper and "
         "long sizes for each kernel (ms, tokens/s, GFLOP/s as a fraction of the matmul peak "
         "measured in the same run, peak memory). `allattn bench train-step --preset P "
-        "[--SECTION.FIELD VALUE ...]`: whole training steps; the last line is JSON.",
+        "[--SECTION.FIELD VALUE ...]`: whole training steps. `allattn bench generate --preset P "
+        "[--SECTION.FIELD VALUE ...]`: generated tokens/s, incremental decoding against "
+        "recomputing the whole window for every token. The last line of both is JSON.",
         allow_abbrev=False,
     )
-    p.add_argument("what", choices=["layer", "train-step"])
+    p.add_argument("what", choices=["layer", "train-step", "generate"])
     p.add_argument("--sizes", default="small,paper,long", help="layer sizes to run")
     p.add_argument("--impls", default="reference,chunked", help="kernels to compare")
     p.add_argument("--repeats", type=int, default=3, help="best of this many (layer)")
     p.add_argument("--preset", default="tiny", help="preset for train-step")
     p.add_argument("--steps", type=int, default=4, help="timed training steps")
+    p.add_argument("--new-tokens", type=int, default=64, help="generate: incremental tokens")
+    p.add_argument(
+        "--recompute-tokens", type=int, default=4, help="generate: tokens by window recomputation"
+    )
     p.add_argument(
         "--default-allocator",
         action="store_true",
@@ -232,6 +285,24 @@ def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
             "threads": torch.get_num_threads(),
             "results": [r.__dict__ for r in results],
         }
+    elif args.what == "generate":
+        load_preset(args.preset).override(parse_overrides(extra))  # errors before any process
+        if args.new_tokens < 1 or args.recompute_tokens < 1:
+            raise UsageError(
+                "allattn bench: error: --new-tokens and --recompute-tokens must be >= 1"
+            )
+        result = bench.generate_benchmark(
+            [args.preset, *extra], args.new_tokens, args.recompute_tokens, allocator
+        )
+        payload = {"preset": args.preset, "overrides": extra, **result}
+        if not args.json:
+            print(
+                f"generate ({args.preset} {' '.join(extra)}; {result['parameters']:,} parameters, "
+                f"window {result['window']}, attended context {result['context']}): "
+                f"incremental {result['tokens_per_s']:,.1f} tokens/s, window recomputation "
+                f"{result['recompute_tokens_per_s']:,.2f} tokens/s -> {result['speedup']:.1f}x"
+            )
+        print(json.dumps(payload))
     else:
         load_preset(args.preset).override(parse_overrides(extra))  # errors before any process
         argv = [args.preset, *extra]
@@ -363,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_train(commands)
     _add_eval(commands)
+    _add_generate(commands)
     _add_bench(commands)
     _add_import_original(commands)
     _add_info(commands)

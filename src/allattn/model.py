@@ -76,12 +76,26 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, h: Tensor, cached: Tensor, pos: Tensor) -> Tensor:
         """h: the block (B, M, d); cached: the L kept cache rows (B, L, d); pos: (L, D)."""
+        keys = self._project(self.k_proj, cached, h)
+        values = self._project(self.v_proj, cached, h)
+        return self._attend(h, keys, values, pos, self.impl)
+
+    def forward_kv(self, h: Tensor, kv: KVCache, pos: Tensor) -> Tensor:
+        """Inference from a cache of the context's keys and values instead of its inputs (the
+        weights do not change, so they need not be recomputed); appends the block's own."""
+        kv.append(self._heads(self.k_proj(h)), self._heads(self.v_proj(h)))
+        keys, values = kv.last(pos.size(0) + h.size(1))  # (B, H, L+M, D) views
+        # One query sees every context row: the dense kernel needs no band and no copies.
+        impl = "reference" if h.size(1) == 1 else self.impl
+        return self._attend(h, keys, values, pos, impl)
+
+    def _attend(self, h: Tensor, keys: Tensor, values: Tensor, pos: Tensor, impl: str) -> Tensor:
         batch, n_queries, d_model = h.shape
-        n_context = cached.size(1)
+        n_context = keys.size(2) - n_queries
         out = attend(
             self._heads(self.q_proj(h)),
-            self._project(self.k_proj, cached, h),
-            self._project(self.v_proj, cached, h),
+            keys,
+            values,
             pos,
             span_mask=self.span.mask(n_context) if self.span is not None else None,
             mem_key=self.memory.keys() if self.memory is not None else None,
@@ -89,7 +103,7 @@ class MultiHeadAttention(nn.Module):
             renorm_eps=self.renorm_eps,
             dropout=self.dropout,
             training=self.training,
-            impl=self.impl,
+            impl=impl,
         )  # (B, H, M, D)
         return self.out_proj(out.transpose(1, 2).reshape(batch, n_queries, d_model))
 
@@ -144,18 +158,84 @@ class AllAttentionLayer(nn.Module):
         """h: (B, M, d), cache: (B, C, d), pos_emb: (S, D) -> (new h, new cache (B, C', d))."""
         n_context = self.context_length()
         cache_size = self.cache_size()  # from the spans as they are before this block
-        n_cached = cache.size(1)
-        if n_cached >= n_context:
-            kept = cache[:, n_cached - n_context :]  # drop the oldest rows
-        else:
-            # Missing oldest rows are zeros (a zero row has key 0 and value 0, no biases).
-            kept = F.pad(cache, (0, 0, n_context - n_cached, 0))
+        kept = _last_rows(cache, n_context, dim=1)
         h_in = h
-        h = self.norm1(h + self.attn(h, kept, pos_emb[:n_context]))
-        if self.ff is not None:
-            h = self.norm2(h + self.ff(h))
+        h = self._sublayers(h, self.attn(h, kept, pos_emb[:n_context]))
         new_cache = torch.cat([cache, h_in], dim=1)[:, -cache_size:].detach()  # (B, C', d)
         return h, new_cache
+
+    def forward_kv(self, h: Tensor, kv: KVCache, pos_emb: Tensor) -> Tensor:
+        """Inference with a cache of keys and values (`KVCache`), which it updates in place.
+
+        Computes what `forward` computes when the cache holds the same rows' inputs.
+        """
+        n_context = self.context_length()
+        return self._sublayers(h, self.attn.forward_kv(h, kv, pos_emb[:n_context]))
+
+    def init_kv_cache(self, batch_size: int) -> KVCache:
+        """The key/value cache of `init_cache(batch_size)`: C zero rows."""
+        attn = self.attn
+        like = self.norm1.weight
+        return KVCache(batch_size, attn.n_heads, attn.head_dim, self.cache_size(), like)
+
+    def _sublayers(self, h: Tensor, attn_out: Tensor) -> Tensor:
+        h = self.norm1(h + attn_out)
+        if self.ff is not None:
+            h = self.norm2(h + self.ff(h))
+        return h
+
+
+def _last_rows(x: Tensor, n: int, dim: int) -> Tensor:
+    """The last n rows of x along dim; missing oldest rows are zeros (a zero cached input has
+    key 0 and value 0, as the projections have no bias)."""
+    have = x.size(dim)
+    if have >= n:
+        return x.narrow(dim, have - n, n)
+    shape = list(x.shape)
+    shape[dim] = n - have
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class KVCache:
+    """One layer's keys and values of its recent positions, for inference, (B, H, *, D) each.
+
+    It holds at least the last C rows (the layer's cache size), in a buffer with room to
+    append; when the buffer fills, the last C rows move to its front, so appending costs O(1)
+    copies per row on average and `last` is a view, never a copy. It starts as C zero rows:
+    the keys and values of `init_cache`'s zero inputs.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, size: int, like: Tensor) -> None:
+        self.size = size
+        self.room = max(size, 64)
+        self.keys = like.new_zeros(batch, heads, size + self.room, head_dim)
+        self.values = torch.zeros_like(self.keys)
+        self.end = size  # rows [0, end) are valid, the newest last
+
+    def append(self, keys: Tensor, values: Tensor) -> None:
+        """Add the newest rows (B, H, M, D)."""
+        rows = keys.size(2)
+        if self.end + rows > self.keys.size(2):
+            keep = min(self.size, self.end)
+            capacity = max(self.keys.size(2), keep + rows + self.room)
+            self.keys, self.values = (
+                self._compact(x, keep, capacity) for x in (self.keys, self.values)
+            )
+            self.end = keep
+        self.keys[:, :, self.end : self.end + rows] = keys
+        self.values[:, :, self.end : self.end + rows] = values
+        self.end += rows
+
+    def _compact(self, x: Tensor, keep: int, capacity: int) -> Tensor:
+        fresh = x.new_empty(*x.shape[:2], capacity, x.size(3))
+        fresh[:, :, :keep] = x[:, :, self.end - keep : self.end]
+        return fresh
+
+    def last(self, n: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of the last n positions, (B, H, n, D) views."""
+        if n > self.end:
+            raise ValueError(f"the cache holds {self.end} rows, {n} were asked for")
+        return self.keys[:, :, self.end - n : self.end], self.values[:, :, self.end - n : self.end]
 
 
 class AllAttentionLM(nn.Module):
@@ -200,6 +280,30 @@ class AllAttentionLM(nn.Module):
         if targets is not None:
             loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten())
         return LMOutput(logprobs=logprobs, cache=new_cache, span_loss=self.span_loss(), loss=loss)
+
+    def init_kv_cache(self, batch_size: int) -> list[KVCache]:
+        """Key/value caches for inference (`forward_kv`), equivalent to `init_cache`'s."""
+        return [layer.init_kv_cache(batch_size) for layer in self.layers]
+
+    @torch.no_grad()
+    def forward_kv(self, tokens: Tensor, kv: list[KVCache]) -> Tensor:
+        """Inference on the next block of tokens (B, M), any M (1 for token-by-token decoding):
+        log-probabilities (B, M, V), the same as `forward`'s with the equivalent input caches.
+
+        The caches hold each layer's keys and values, so the context is never projected again;
+        they are updated in place. The model must be in eval mode (no dropout).
+        """
+        if self.training:
+            raise ValueError("forward_kv is for inference: call model.eval() first")
+        if len(kv) != len(self.layers):
+            raise ValueError(f"cache has {len(kv)} layers, the model {len(self.layers)}")
+        h = self.tok_emb(tokens)  # (B, M, d)
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            h = layer.forward_kv(h, layer_kv, self.pos_emb)
+        logits = self.out(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.log_softmax(logits, dim=-1)
 
     def _check_cache(self, cache: Cache, batch: int) -> None:
         if len(cache) != len(self.layers):

@@ -1,0 +1,205 @@
+"""Text generation: incremental decoding with key/value caches, and sampling.
+
+The prompt goes through the model in blocks, then one token per step (`AllAttentionLM.forward_kv`):
+each layer keeps the keys and values of its last C positions, trimmed to its learned span, so
+nothing of the context is computed twice. The log-probabilities are those of one forward pass
+over the whole sequence (tested to 1e-9 in float64).
+
+    from allattn import checkpoint, generate
+    model, ckpt = checkpoint.load_model("runs/demo")
+    print(generate.sample(model, ckpt.vocab, "ROMEO:", max_new_tokens=200, seed=0))
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .data import EOS, Vocabulary, VocabularyError
+from .model import AllAttentionLM
+
+PROMPT_BLOCK = 256
+"""Prompt tokens per forward pass while the prompt is consumed."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the model's distribution."""
+
+    temperature: float = 1.0
+    """Divides the log-probabilities; 0 picks the most likely token (greedy decoding)."""
+    top_k: int | None = None
+    """Draw only among the k most likely tokens."""
+    top_p: float | None = None
+    """Draw only among the most likely tokens whose probabilities sum to at least p (nucleus)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature ({self.temperature}) must be at least 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k ({self.top_k}) must be a positive integer")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p ({self.top_p}) must be in (0, 1]")
+
+
+def allowed(logprobs: Tensor, sampling: Sampling) -> Tensor:
+    """The tokens `sampling` may draw, a boolean mask like `logprobs` (..., V)."""
+    keep = torch.ones_like(logprobs, dtype=torch.bool)
+    if sampling.top_k is not None and sampling.top_k < logprobs.size(-1):
+        kth = logprobs.topk(sampling.top_k, dim=-1).values[..., -1:]
+        keep &= logprobs >= kth  # ties with the k-th token stay in
+    if sampling.top_p is not None and sampling.top_p < 1:
+        # With temperature, the nucleus is that of the distribution drawn from.
+        scaled = logprobs / sampling.temperature if sampling.temperature > 0 else logprobs
+        probs = scaled.masked_fill(~keep, -torch.inf).softmax(-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        in_nucleus = before < sampling.top_p  # the smallest set reaching p; the first always
+        keep &= torch.zeros_like(keep).scatter(-1, order, in_nucleus)
+    return keep
+
+
+def next_token(logprobs: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row of `logprobs` (B, V) -> (B,)."""
+    if sampling.temperature == 0:
+        return logprobs.argmax(-1)
+    scores = (logprobs.double() / sampling.temperature).masked_fill(
+        ~allowed(logprobs, sampling), -torch.inf
+    )
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def tokens(
+    model: AllAttentionLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    seed: int | None = None,
+) -> Iterator[Tensor]:
+    """Yield max_new_tokens new token ids (B,) one at a time, continuing `prompt` (B, T), T >= 1.
+
+    The model must be in eval mode. Same seed, same tokens (on the same machine and device).
+    """
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise ValueError("the prompt must be a (batch, length) tensor of at least one token")
+    device = model.pos_emb.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = prompt.to(device)
+    kv = model.init_kv_cache(prompt.size(0))
+    for start in range(0, prompt.size(1), PROMPT_BLOCK):
+        logprobs = model.forward_kv(prompt[:, start : start + PROMPT_BLOCK], kv)
+    for step in range(max_new_tokens):
+        token = next_token(logprobs[:, -1], sampling, generator)
+        yield token
+        if step + 1 < max_new_tokens:
+            logprobs = model.forward_kv(token[:, None], kv)
+
+
+def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
+    """Token ids of a prompt; a newline is `<eos>` where the vocabulary has no newline token.
+
+    An empty prompt starts from a newline. A character (or byte, or word) the vocabulary lacks
+    is an error naming it.
+    """
+    if not text:
+        text = "\n"
+    newline = "\n" if "\n" in vocab else EOS
+    if vocab.level == "byte":
+        units = [chr(b) for b in text.encode("utf-8")]
+    elif vocab.level == "char":
+        units = list(text)
+    else:
+        units = [w for line in text.split("\n") for w in (*line.split(), "\n")][:-1]
+    ids = []
+    for unit in units:
+        token = newline if unit == "\n" else unit
+        if token not in vocab:
+            raise VocabularyError(
+                f"the prompt has {_describe(unit, vocab.level)}, which the model's "
+                f"vocabulary ({len(vocab)} {vocab.level} tokens) lacks"
+            )
+        ids.append(vocab.id(token))
+    return ids
+
+
+def _describe(unit: str, level: str) -> str:
+    if level == "byte":
+        return f"byte 0x{ord(unit):02x}"
+    if level == "char":
+        return f"character {unit!r} (U+{ord(unit):04X})"
+    return f"word {unit!r}"
+
+
+class TextDecoder:
+    """Turns a stream of token ids into text pieces (bytes are decoded as UTF-8 incrementally,
+    so a character split over several tokens appears once it is complete)."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token_id: int) -> str:
+        token = self.vocab.tokens[token_id]
+        if token == EOS:
+            token = "\n"
+        if self.vocab.level == "byte":
+            return self.bytes.decode(token.encode("latin-1"))
+        if self.vocab.level == "word":
+            return token if token == "\n" else token + " "
+        return token
+
+    def flush(self) -> str:
+        return self.bytes.decode(b"", final=True) if self.vocab.level == "byte" else ""
+
+
+def stream(
+    model: AllAttentionLM,
+    vocab: Vocabulary,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as they are generated.
+
+    The prompt is checked at the call (a token the vocabulary lacks raises at once).
+    """
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(
+            f"the vocabulary has {len(vocab)} tokens, the model {model.config.vocab_size}"
+        )
+    ids = torch.tensor([encode_prompt(vocab, prompt)])
+    return _text(tokens(model, ids, max_new_tokens, sampling, seed=seed), TextDecoder(vocab))
+
+
+def _text(ids: Iterator[Tensor], decoder: TextDecoder) -> Iterator[str]:
+    for token in ids:
+        piece = decoder(int(token[0]))
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def sample(
+    model: AllAttentionLM,
+    vocab: Vocabulary,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    seed: int | None = None,
+) -> str:
+    """The continuation of `prompt` (max_new_tokens tokens) as one string."""
+    return "".join(stream(model, vocab, prompt, max_new_tokens, sampling, seed=seed))
