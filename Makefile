@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The default run: prepare the bundled corpus, train the tiny preset, score the test split.
+# The default run: prepare the bundled corpus, train the tiny preset, score the test split,
+# then print a short sample from the trained model.
 DEMO_DATA := data/tiny-shakespeare
 DEMO_RUN := runs/demo
 
@@ -26,6 +27,8 @@ demo: $(STAMP)
 	@test -d $(DEMO_DATA) || $(PY) -m allattn prepare tiny-shakespeare --out $(DEMO_DATA)
 	$(PY) -m allattn train --preset tiny --data $(DEMO_DATA) --out $(DEMO_RUN) --force
 	$(PY) -m allattn eval --checkpoint $(DEMO_RUN) --split test
+	$(PY) -m allattn generate --checkpoint $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 300 \
+		--temperature 0.8 --seed 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
