@@ -27,6 +27,10 @@ from .config import ConfigError, ModelConfig
 from .data import Vocabulary, VocabularyError
 from .model import AllAttentionLM
 
+LAST = "last.safetensors"
+"""A run directory's newest checkpoint."""
+BEST = "best.safetensors"
+"""A run directory's checkpoint with the best validation loss."""
 FORMAT = "allattn-checkpoint"
 VERSION = 1
 MODEL_PREFIX = "model."
@@ -181,9 +185,21 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint (tensors on the CPU). Errors name the file and the problem."""
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's best (else last) checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"run directory {path} holds no checkpoint")
+    return path
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file or a run directory's best (else last) checkpoint, tensors on the
+    CPU. Errors name the file and the problem."""
+    path = resolve(path)
     metadata = _read_metadata(path)
     try:
         tensors = load_tensors(path.read_bytes())

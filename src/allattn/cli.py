@@ -105,7 +105,7 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> tuple[RunConfig
         if not args.out:
             raise UsageError("allattn train: error: --resume needs --out RUN_DIR")
         run_dir = Path(args.out)
-        meta = checkpoint.load_meta(run_dir / train.LAST)  # the header only: no tensors
+        meta = checkpoint.load_meta(run_dir / checkpoint.LAST)  # the header only: no tensors
         if "run_config" not in meta:
             raise UsageError(f"allattn train: error: {run_dir} is not a training run")
         base = RunConfig.from_dict(meta["run_config"])
@@ -213,7 +213,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"allattn: error: {args.prompt_file} is not UTF-8 text") from None
-    ckpt = checkpoint.load(evaluate.checkpoint_path(args.checkpoint))
+    ckpt = checkpoint.load(args.checkpoint)
     if ckpt.vocab is None:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: the checkpoint has no vocabulary")
     model = ckpt.build_model().to(train.resolve_device(args.device))

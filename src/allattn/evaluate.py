@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .checkpoint import CheckpointError
 from .data import SPLITS, Corpus, CorpusError, load_corpus
 from .model import AllAttentionLM
-from .train import BEST, LAST, autocast, resolve_device
+from .train import autocast, resolve_device
 
 
 @dataclass
@@ -82,17 +81,6 @@ def evaluate(
     )
 
 
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's best (else last) checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (BEST, LAST):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"run directory {path} holds no checkpoint")
-    return path
-
-
 def run(
     checkpoint_file: str | Path,
     *,
@@ -108,7 +96,7 @@ def run(
         raise CorpusError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if batch_size < 1:
         raise CorpusError(f"--batch-size ({batch_size}) must be a positive integer")
-    ckpt = checkpoint.load(checkpoint_path(checkpoint_file))
+    ckpt = checkpoint.load(checkpoint_file)
     run_config = ckpt.meta.get("run_config", {}).get("train", {})
     if data is None:
         data = ckpt.meta.get("data", run_config.get("data"))

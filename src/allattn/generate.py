@@ -6,7 +6,7 @@ nothing of the context is computed twice. The log-probabilities are those of one
 over the whole sequence (tested to 1e-9 in float64).
 
     from allattn import checkpoint, generate
-    model, ckpt = checkpoint.load_model("runs/demo")
+    model, ckpt = checkpoint.load_model("runs/demo")  # a run directory: its best checkpoint
     print(generate.sample(model, ckpt.vocab, "ROMEO:", max_new_tokens=200, seed=0))
 """
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import checkpoint
-from .checkpoint import CheckpointError, atomic_write_bytes
+from .checkpoint import BEST, LAST, CheckpointError, atomic_write_bytes
 from .config import ConfigError, RunConfig
 from .data import Corpus, CorpusError, load_corpus
 from .model import AllAttentionLM, Cache
@@ -35,8 +35,6 @@ from .optim import Optimizer
 
 log = logging.getLogger(__name__)
 
-LAST = "last.safetensors"
-BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 # Model fields a resumed run may change: they act in training only.
