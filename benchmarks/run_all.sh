@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark set behind docs/PERFORMANCE.md. Writes JSON to benchmarks/results/ and prints
-# the tables. About 10 minutes on a 2-core machine. Run from anywhere: bash benchmarks/run_all.sh
+# the tables. About 5 minutes on a 2-core machine. Run from anywhere: bash benchmarks/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A="${ALLATTN:-.venv/bin/allattn}"
@@ -12,3 +12,7 @@ mkdir -p benchmarks/results
     --train.block_size 512 --train.batch_size 4 --steps 4 --compare \
     --out benchmarks/results/train_step_d512.json
 "$A" bench train-step --preset tiny --steps 20 --compare --out benchmarks/results/train_step_tiny.json
+# generation: incremental decoding against recomputing the window, spans at their full length
+"$A" bench generate --preset tiny --model.span_init 1.0 --out benchmarks/results/generate_tiny.json
+"$A" bench generate --preset enwik8_small --model.attn_span 1024 --model.span_init 1.0 \
+    --out benchmarks/results/generate_18l.json
