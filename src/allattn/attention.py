@@ -175,7 +175,13 @@ class _ChunkedAttention(torch.autograd.Function):
             if mask_col is None:
                 out[:, :, start:stop] = o
             else:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps), before dropout
-                total = _per_head(a, lambda x: x @ mask_col).add_(renorm_eps)  # (H, B, b, 1)
+                if keep is None:  # the masked weights are at hand: Z = their sum
+                    total = weights.sum(-1, keepdim=True)  # zero off the band
+                    if mem_val is not None:
+                        total += mem_weights.sum(-1, keepdim=True)
+                else:  # weights and mem_weights saw the keep masks
+                    total = _per_head(a, lambda x: x @ mask_col)
+                total += renorm_eps  # (H, B, b, 1)
                 totals.append(total)
                 torch.div(o, total, out=out[:, :, start:stop])
         ctx.keeps, ctx.probs, ctx.totals = keeps, probs, totals
