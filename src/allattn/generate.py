@@ -89,6 +89,8 @@ def tokens(
     """
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise ValueError("the prompt must be a (batch, length) tensor of at least one token")
+    if prompt.min() < 0 or prompt.max() >= model.config.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {model.config.vocab_size})")
     device = model.pos_emb.device
     generator = None
     if seed is not None:

@@ -78,28 +78,38 @@ class MultiHeadAttention(nn.Module):
         """h: the block (B, M, d); cached: the L kept cache rows (B, L, d); pos: (L, D)."""
         keys = self._project(self.k_proj, cached, h)
         values = self._project(self.v_proj, cached, h)
-        return self._attend(h, keys, values, pos, self.impl)
+        return self._attend(h, keys, values, pos, self.impl, self.fixed(pos.size(0)))
+
+    def fixed(self, n_context: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """What depends on the weights only: span mask (H, L), persistent keys and values."""
+        return (
+            self.span.mask(n_context) if self.span is not None else None,
+            self.memory.keys() if self.memory is not None else None,
+            self.memory.values() if self.memory is not None else None,
+        )
 
     def forward_kv(self, h: Tensor, kv: KVCache, pos: Tensor) -> Tensor:
         """Inference from a cache of the context's keys and values instead of its inputs (the
         weights do not change, so they need not be recomputed); appends the block's own."""
         kv.append(self._heads(self.k_proj(h)), self._heads(self.v_proj(h)))
         keys, values = kv.last(pos.size(0) + h.size(1))  # (B, H, L+M, D) views
+        if kv.fixed is None:  # computed once per cache: the weights do not change
+            kv.fixed = self.fixed(pos.size(0))
         # One query sees every context row: the dense kernel needs no band and no copies.
         impl = "reference" if h.size(1) == 1 else self.impl
-        return self._attend(h, keys, values, pos, impl)
+        return self._attend(h, keys, values, pos, impl, kv.fixed)
 
-    def _attend(self, h: Tensor, keys: Tensor, values: Tensor, pos: Tensor, impl: str) -> Tensor:
+    def _attend(self, h, keys, values, pos, impl, fixed) -> Tensor:
         batch, n_queries, d_model = h.shape
-        n_context = keys.size(2) - n_queries
+        span_mask, mem_key, mem_val = fixed
         out = attend(
             self._heads(self.q_proj(h)),
             keys,
             values,
             pos,
-            span_mask=self.span.mask(n_context) if self.span is not None else None,
-            mem_key=self.memory.keys() if self.memory is not None else None,
-            mem_val=self.memory.values() if self.memory is not None else None,
+            span_mask=span_mask,
+            mem_key=mem_key,
+            mem_val=mem_val,
             renorm_eps=self.renorm_eps,
             dropout=self.dropout,
             training=self.training,
@@ -211,6 +221,7 @@ class KVCache:
         self.keys = like.new_zeros(batch, heads, size + self.room, head_dim)
         self.values = torch.zeros_like(self.keys)
         self.end = size  # rows [0, end) are valid, the newest last
+        self.fixed: tuple | None = None  # the layer's span mask and persistent memory
 
     def append(self, keys: Tensor, values: Tensor) -> None:
         """Add the newest rows (B, H, M, D)."""
