@@ -4,6 +4,8 @@
    including the span parameter), and the model in float32 on CUDA equals float64 on the CPU.
 2. A bf16-autocast training step of `enwik8_small` (18 layers, d 512, N 1024, S 8192, M 512):
    tokens/s and model FLOP utilisation against the GPU's bf16 dense peak.
+3. Incremental decoding on CUDA equals one forward pass (float64), and generated tokens/s of an
+   18-layer d 512 N 1024 S 1024 model (float32, batch 1).
 Prints one JSON line per result; exits non-zero if a check fails.
 """
 
@@ -18,8 +20,10 @@ import torch
 
 from allattn import bench
 from allattn.attention import attend
-from allattn.config import load_preset
+from allattn.config import ModelConfig, load_preset
 from allattn.data import char_corpus
+from allattn.generate import tokens as generated_tokens
+from allattn.model import AllAttentionLM
 from allattn.train import Trainer
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
@@ -101,6 +105,40 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
     }
 
 
+def decoding() -> dict:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=50, d_model=64, n_heads=4, n_layers=3, n_persistent=16, attn_span=192
+    )
+    model = AllAttentionLM(config).double().cuda().eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.span.z.uniform_(0.0, 0.3)  # partly trimmed spans
+    seq = torch.randint(50, (2, 450), device="cuda")
+    with torch.no_grad():
+        full = model(seq).logprobs
+    kv = model.init_kv_cache(2)
+    pieces = [model.forward_kv(seq[:, :100], kv)]
+    pieces += [model.forward_kv(seq[:, t : t + 1], kv) for t in range(100, 450)]
+    diff = (torch.cat(pieces, 1) - full).abs().max().item()
+
+    big = load_preset("enwik8_small").model.replace(attn_span=1024, span_init=1.0)
+    model = AllAttentionLM(big).cuda().eval()
+    prompt = torch.randint(big.vocab_size, (1, 1024), device="cuda")
+    stream = generated_tokens(model, prompt, 129, seed=0)
+    next(stream)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in stream:
+        pass
+    torch.cuda.synchronize()
+    return {
+        "check": "incremental decoding == one forward pass, float64, CUDA",
+        "max_abs_diff": diff,
+        "generate_tokens_per_s_18_layers_S1024": 128 / (time.perf_counter() - start),
+    }
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -108,6 +146,9 @@ def main() -> int:
     worst = kernel_equality()
     print(json.dumps({"check": "chunked == reference, float64, CUDA", "max_abs_diff": worst}))
     ok = worst <= 1e-9
+    result = decoding()
+    print(json.dumps(result))
+    ok = ok and result["max_abs_diff"] <= 1e-9
     for batch_size in (8, 16):
         try:
             print(json.dumps(train_step(batch_size)))
