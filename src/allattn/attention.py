@@ -142,9 +142,9 @@ class _ChunkedAttention(torch.autograd.Function):
     Internally head-major, (H, B, ...). Forward keeps each chunk's softmax (H, B, b, L+N) for
     the backward pass; no score matrix over all L + M rows is ever formed. The position term
     and the persistent scores come from one matmul with a per-head table [p_L ... p_1 ; m_k]
-    (L + N rows); a * m is written straight into the band of a reused key matrix; Z = a . m
-    is one matrix-vector product and 1 / Z is applied to the (b, D) output. Work tensors are
-    reused from chunk to chunk (`_Scratch`), and matmuls write into them.
+    (L + N rows); a * m is written straight into the band of a reused key matrix; Z is the sum
+    of those masked weights and 1 / Z is applied to the (b, D) output. Work tensors are reused
+    from chunk to chunk (`_Scratch`), and matmuls write into them.
     Backward uses sum_i w_i dL/dw_i = dO . out, and returns the span mask's gradient for every
     key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0 there), so the span
     parameter gets the original's gradient (DESIGN §2.4).
