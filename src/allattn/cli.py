@@ -238,7 +238,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "measured in the same run, peak memory). `allattn bench train-step --preset P "
         "[--SECTION.FIELD VALUE ...]`: whole training steps. `allattn bench generate --preset P "
         "[--SECTION.FIELD VALUE ...]`: generated tokens/s, incremental decoding against "
-        "recomputing the whole window for every token. The last line of both is JSON.",
+        "recomputing the whole window for every token. Both print JSON as their last line.",
         allow_abbrev=False,
     )
     p.add_argument("what", choices=["layer", "train-step", "generate"])

@@ -168,7 +168,12 @@ class AllAttentionLayer(nn.Module):
         """h: (B, M, d), cache: (B, C, d), pos_emb: (S, D) -> (new h, new cache (B, C', d))."""
         n_context = self.context_length()
         cache_size = self.cache_size()  # from the spans as they are before this block
-        kept = _last_rows(cache, n_context, dim=1)
+        n_cached = cache.size(1)
+        if n_cached >= n_context:
+            kept = cache[:, n_cached - n_context :]  # drop the oldest rows
+        else:
+            # Missing oldest rows are zeros (a zero row has key 0 and value 0, no biases).
+            kept = F.pad(cache, (0, 0, n_context - n_cached, 0))
         h_in = h
         h = self._sublayers(h, self.attn(h, kept, pos_emb[:n_context]))
         new_cache = torch.cat([cache, h_in], dim=1)[:, -cache_size:].detach()  # (B, C', d)
@@ -193,17 +198,6 @@ class AllAttentionLayer(nn.Module):
         if self.ff is not None:
             h = self.norm2(h + self.ff(h))
         return h
-
-
-def _last_rows(x: Tensor, n: int, dim: int) -> Tensor:
-    """The last n rows of x along dim; missing oldest rows are zeros (a zero cached input has
-    key 0 and value 0, as the projections have no bias)."""
-    have = x.size(dim)
-    if have >= n:
-        return x.narrow(dim, have - n, n)
-    shape = list(x.shape)
-    shape[dim] = n - have
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 class KVCache:
