@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -220,12 +221,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     pieces = generate.stream(
         model, ckpt.vocab, prompt, args.max_new_tokens, sampling, seed=args.seed
     )
-    if not args.no_echo:
-        sys.stdout.write(prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
+    try:
+        if not args.no_echo:
+            sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
