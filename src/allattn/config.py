@@ -44,6 +44,16 @@ class _Section:
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
 
+    def _require_ints(self, minimum: int, *names: str) -> None:
+        """Each named field is an int >= minimum (1: positive, 0: non-negative)."""
+        kind = "positive" if minimum == 1 else "non-negative"
+        for name in names:
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= minimum,
+                f"--{self.section}.{name} ({value}) must be a {kind} integer",
+            )
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Section):
@@ -83,18 +93,10 @@ class ModelConfig(_Section):
     )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "attn_span", "span_ramp"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value >= 1,
-                f"--model.{name} ({value}) must be a positive integer",
-            )
-        for name in ("n_persistent", "d_inner"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value >= 0,
-                f"--model.{name} ({value}) must be a non-negative integer",
-            )
+        self._require_ints(
+            1, "vocab_size", "d_model", "n_heads", "n_layers", "attn_span", "span_ramp"
+        )
+        self._require_ints(0, "n_persistent", "d_inner")
         _require(
             self.d_model % self.n_heads == 0,
             f"--model.n_heads ({self.n_heads}) must divide --model.d_model ({self.d_model})",
@@ -160,10 +162,7 @@ class OptimConfig(_Section):
             f"--optim.optimizer ({self.optimizer}) must be one of {', '.join(OPTIMIZERS)}",
         )
         _require(self.lr > 0, f"--optim.lr ({self.lr}) must be > 0")
-        _require(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-            f"--optim.warmup_steps ({self.warmup_steps}) must be a non-negative integer",
-        )
+        self._require_ints(0, "warmup_steps")
         _require(self.grad_clip >= 0, f"--optim.grad_clip ({self.grad_clip}) must be >= 0")
 
 
@@ -197,21 +196,13 @@ class TrainConfig(_Section):
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "block_size", "batch_split", "steps", "eval_interval"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value >= 1,
-                f"--train.{name} ({value}) must be a positive integer",
-            )
+        self._require_ints(1, "batch_size", "block_size", "batch_split", "steps", "eval_interval")
         _require(
             self.batch_size % self.batch_split == 0,
             f"--train.batch_split ({self.batch_split}) must divide --train.batch_size "
             f"({self.batch_size})",
         )
-        _require(
-            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
-            f"--train.eval_batch_size ({self.eval_batch_size}) must be a positive integer",
-        )
+        self._require_ints(1, "eval_batch_size")
         _require(self.dtype in DTYPES, f"--train.dtype ({self.dtype}) must be one of {DTYPES}")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
