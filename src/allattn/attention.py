@@ -158,7 +158,7 @@ class _ChunkedAttention(torch.autograd.Function):
         n_context = k.size(2) - n_queries
         ctx.scale = 1.0 / math.sqrt(head_dim)
         ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
-        table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
+        table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)
         out = torch.empty_like(q)
         scratch = _Scratch()
         keeps, probs, totals = [], [], []
@@ -172,7 +172,7 @@ class _ChunkedAttention(torch.autograd.Function):
             o = _matmul(scratch, "out", weights, v[:, :, keys])  # (H, B, b, D)
             if mem_val is not None:
                 o += _per_head(mem_weights, lambda x: x @ mem_val)
-            if mask_col is None:
+            if mask_full is None:
                 out[:, :, start:stop] = o
             else:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps), before dropout
                 if keep is None:  # the masked weights are at hand: Z = their sum
@@ -180,7 +180,7 @@ class _ChunkedAttention(torch.autograd.Function):
                     if mem_val is not None:
                         total += mem_weights.sum(-1, keepdim=True)
                 else:  # weights and mem_weights saw the keep masks
-                    total = _per_head(a, lambda x: x @ mask_col)
+                    total = (a * mask_full).sum(-1, keepdim=True)
                 total += renorm_eps  # (H, B, b, 1)
                 totals.append(total)
                 torch.div(o, total, out=out[:, :, start:stop])
@@ -196,9 +196,8 @@ class _ChunkedAttention(torch.autograd.Function):
         out_dot = (grad_out * out).sum(-1, keepdim=True)  # (H, B, M, 1)
         n_queries = q.size(2)
         n_context = k.size(2) - n_queries
-        table, mask_rev, mask_col = _tables(pos, span_mask, mem_key)
-        renorm = mask_col is not None
-        mask_full = mask_col.transpose(-1, -2)[:, None] if renorm else None  # (H, 1, 1, L+N)
+        table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)
+        renorm = mask_full is not None
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtable = torch.zeros_like(table)
         dmask_rev = torch.zeros_like(span_mask) if renorm else None
@@ -286,8 +285,8 @@ def _chunks(n_queries: int, n_context: int, chunk: int):
 
 
 def _tables(pos: Tensor, span_mask: Tensor | None, mem_key: Tensor | None):
-    """Per-head [p_L .. p_1 ; m_k] (H or 1, L+N, D), the mask in key order (H, 1, L), and the
-    mask with 1 for the persistent slots as a column (H, L+N, 1) for sum_j a_j m_j."""
+    """Per-head [p_L .. p_1 ; m_k] (H or 1, L+N, D), and, head-major for broadcasting, the mask
+    in key order (H, 1, 1, L) and the same with 1 for the persistent slots (H, 1, 1, L+N)."""
     pos_rev = pos.flip(0)  # key order: row c is p_(L - c)
     if mem_key is None:
         table = pos_rev[None]
@@ -295,10 +294,10 @@ def _tables(pos: Tensor, span_mask: Tensor | None, mem_key: Tensor | None):
         table = torch.cat([pos_rev.expand(mem_key.size(0), -1, -1), mem_key], dim=1)
     if span_mask is None:
         return table, None, None
-    mask_rev = span_mask.flip(-1)[:, None, None, :]  # (H, 1, 1, L), head-major broadcast
     n_mem = 0 if mem_key is None else mem_key.size(1)
     mask_row = torch.cat([span_mask.flip(-1), span_mask.new_ones(span_mask.size(0), n_mem)], -1)
-    return table, mask_rev, mask_row[:, :, None].contiguous()  # (H, L+N, 1)
+    mask_full = mask_row[:, None, None, :]  # (H, 1, 1, L+N)
+    return table, mask_full[..., : span_mask.size(1)], mask_full
 
 
 def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int, scratch) -> Tensor:
