@@ -276,11 +276,7 @@ class AllAttentionLM(nn.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h, layer_cache = layer(h, layer_cache, self.pos_emb)
             new_cache.append(layer_cache)
-        h = self.emb_dropout(h)
-        logits = self.out(h)  # (B, M, V)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # log-softmax in float32 under autocast
-        logprobs = F.log_softmax(logits, dim=-1)  # (B, M, V)
+        logprobs = self._logprobs(self.emb_dropout(h))  # (B, M, V)
         loss = None
         if targets is not None:
             loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten())
@@ -305,9 +301,13 @@ class AllAttentionLM(nn.Module):
         h = self.tok_emb(tokens)  # (B, M, d)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
             h = layer.forward_kv(h, layer_kv, self.pos_emb)
-        logits = self.out(h)
+        return self._logprobs(h)
+
+    def _logprobs(self, h: Tensor) -> Tensor:
+        """Log-probabilities of the next token from the last layer's output (B, M, d)."""
+        logits = self.out(h)  # (B, M, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
+            logits = logits.float()  # log-softmax in float32 under autocast
         return F.log_softmax(logits, dim=-1)
 
     def _check_cache(self, cache: Cache, batch: int) -> None:
