@@ -214,10 +214,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"allattn: error: {args.prompt_file} is not UTF-8 text") from None
-    ckpt = checkpoint.load(args.checkpoint)
+    model, ckpt = checkpoint.load_model(args.checkpoint, train.resolve_device(args.device))
     if ckpt.vocab is None:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: the checkpoint has no vocabulary")
-    model = ckpt.build_model().to(train.resolve_device(args.device))
     pieces = generate.stream(
         model, ckpt.vocab, prompt, args.max_new_tokens, sampling, seed=args.seed
     )
