@@ -22,7 +22,6 @@ from allattn import bench
 from allattn.attention import attend
 from allattn.config import ModelConfig, load_preset
 from allattn.data import char_corpus
-from allattn.generate import tokens as generated_tokens
 from allattn.model import AllAttentionLM
 from allattn.train import Trainer
 
@@ -122,20 +121,16 @@ def decoding() -> dict:
     pieces += [model.forward_kv(seq[:, t : t + 1], kv) for t in range(100, 450)]
     diff = (torch.cat(pieces, 1) - full).abs().max().item()
 
-    big = load_preset("enwik8_small").model.replace(attn_span=1024, span_init=1.0)
-    model = AllAttentionLM(big).cuda().eval()
-    prompt = torch.randint(big.vocab_size, (1, 1024), device="cuda")
-    stream = generated_tokens(model, prompt, 129, seed=0)
-    next(stream)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in stream:
-        pass
-    torch.cuda.synchronize()
+    speed = bench.generate_case(
+        ["enwik8_small", "--model.attn_span", "1024", "--model.span_init", "1.0"],
+        128,
+        4,
+        device="cuda",
+    )
     return {
         "check": "incremental decoding == one forward pass, float64, CUDA",
         "max_abs_diff": diff,
-        "generate_tokens_per_s_18_layers_S1024": 128 / (time.perf_counter() - start),
+        "generate_18_layers_S1024": speed,
     }
 
 

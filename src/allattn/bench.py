@@ -238,7 +238,9 @@ def train_step_benchmark(argv: list[str], steps: int, allocator: bool) -> dict[s
     return _child(["train_step_case", argv, steps], allocator)
 
 
-def generate_case(argv: list[str], new_tokens: int, recompute_tokens: int) -> dict[str, Any]:
+def generate_case(
+    argv: list[str], new_tokens: int, recompute_tokens: int, device: str = "cpu"
+) -> dict[str, Any]:
     """Generated tokens/s of a preset's model (random weights, batch 1, after a prompt that
     fills every layer's cache): incremental decoding against recomputing the whole window."""
     from .config import load_preset, parse_overrides
@@ -247,25 +249,29 @@ def generate_case(argv: list[str], new_tokens: int, recompute_tokens: int) -> di
 
     config = load_preset(argv[0]).override(parse_overrides(argv[1:])).model
     torch.manual_seed(0)
-    model = AllAttentionLM(config).eval()
+    model = AllAttentionLM(config).to(device).eval()
     window = config.attn_span
-    prompt = torch.randint(config.vocab_size, (1, window))
+    prompt = torch.randint(config.vocab_size, (1, window), device=device)
     sampling = Sampling()
+    sync = torch.cuda.synchronize if model.pos_emb.is_cuda else (lambda: None)
 
     decoding = tokens(model, prompt, new_tokens + 1, sampling, seed=0)
     next(decoding)  # the prompt, not timed
+    sync()
     start = time.perf_counter()
     for _ in decoding:
         pass
+    sync()
     incremental = new_tokens / (time.perf_counter() - start)
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     sequence = prompt
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(recompute_tokens):  # the last S tokens from zero caches, every time
             logprobs = model(sequence[:, -window:]).logprobs[:, -1]
             sequence = torch.cat([sequence, next_token(logprobs, sampling, generator)[:, None]], 1)
+    sync()
     recompute = recompute_tokens / (time.perf_counter() - start)
     return {
         "tokens_per_s": incremental,
