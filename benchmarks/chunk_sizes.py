@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 import time
 
-from allattn import attention, bench
+from allattn import attention, bench, runtime
 
 
 def main(size: str, variants: list[str], rounds: int = 5) -> None:
-    bench.keep_allocations()
+    runtime.keep_allocations()
     layer, step = bench.layer_step(size, "chunked")
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(rounds):

@@ -23,7 +23,7 @@ from allattn.attention import attend
 from allattn.config import ModelConfig, load_preset
 from allattn.data import char_corpus
 from allattn.model import AllAttentionLM
-from allattn.train import Trainer
+from allattn.train import Trainer, adopt_vocabulary
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
 
@@ -60,8 +60,8 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
         {
             "train.batch_size": str(batch_size),
             "train.batch_split": "1",
-            "train.dtype": "bfloat16",
-            "train.device": device,
+            "runtime.dtype": "bfloat16",
+            "runtime.device": device,
             "model.span_init": "1.0",  # full spans: the most expensive case
             **overrides,
         }
@@ -69,7 +69,7 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(60_000))
     need = 3 * batch_size * config.train.block_size
     corpus = char_corpus(text * math.ceil(need / len(text) / 0.9 + 1), (0.9, 0.05, 0.05))
-    config = config.override({"model.vocab_size": str(len(corpus.vocab))})
+    config = adopt_vocabulary(config, corpus.vocab)
     trainer = Trainer(config, corpus, run_dir=None)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainer.train_step()
@@ -122,7 +122,9 @@ def decoding() -> dict:
     diff = (torch.cat(pieces, 1) - full).abs().max().item()
 
     speed = bench.generate_case(
-        ["enwik8_small", "--model.attn_span", "1024", "--model.span_init", "1.0"],
+        load_preset("enwik8_small")
+        .override({"model.attn_span": "1024", "model.span_init": "1.0"})
+        .to_dict(),
         128,
         4,
         device="cuda",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from allattn import bench
+from allattn import bench, runtime
 from allattn.cli import main
+from allattn.config import load_preset
 
 
 def test_layer_flops_accounting():
@@ -20,7 +21,7 @@ def test_layer_flops_accounting():
 
 
 def test_allocator_settings_apply_on_glibc():
-    assert bench.keep_allocations() is True
+    assert runtime.keep_allocations() is True
 
 
 def test_layer_case_measures_the_layer():
@@ -30,8 +31,8 @@ def test_layer_case_measures_the_layer():
 
 
 def test_train_step_case_reports_throughput_and_memory():
-    argv = ["tiny", "--model.n_layers", "1", "--train.block_size", "16", "--train.batch_size", "2"]
-    result = bench.train_step_case(argv, 2)
+    overrides = {"model.n_layers": "1", "train.block_size": "16", "train.batch_size": "2"}
+    result = bench.train_step_case(load_preset("tiny").override(overrides).to_dict(), 2)
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["parameters"] > 0
 
 

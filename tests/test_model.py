@@ -12,9 +12,11 @@ TOL = 1e-9
 VOCAB = 11
 
 
-def build(config: ModelConfig, z: list[list[float]] | None = None, seed: int = 0):
+def build(
+    config: ModelConfig, z: list[list[float]] | None = None, seed: int = 0, impl: str = "auto"
+):
     torch.manual_seed(seed)
-    model = AllAttentionLM(config).double()
+    model = AllAttentionLM(config, impl).double()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -50,9 +52,10 @@ def compare(
     batch: int = 2,
     cache: list[torch.Tensor] | None = None,
     z_after_block: dict[int, list[list[float]]] | None = None,
+    impl: str = "auto",
 ) -> dict[str, float]:
     """Run model and reference over consecutive blocks; return the largest differences seen."""
-    model = build(config, z)
+    model = build(config, z, impl=impl)
     ref_params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     s = settings(config)
     if cache is None:
@@ -136,8 +139,7 @@ CASES = {
 @pytest.mark.parametrize("impl", ["chunked", "reference"])
 @pytest.mark.parametrize("name", CASES)
 def test_equals_reference_over_three_blocks(name, impl):
-    config = CASES[name]["config"].replace(attn_impl=impl)
-    compare(config, CASES[name].get("z"), n_blocks=3)
+    compare(CASES[name]["config"], CASES[name].get("z"), n_blocks=3, impl=impl)
 
 
 def test_trimming_and_adaptive_cache_are_active_in_the_cases():
@@ -287,5 +289,5 @@ if __name__ == "__main__":
     # `python tests/test_model.py`: the largest differences to the reference, for the README.
     for impl in ("chunked", "reference"):
         for name, case in CASES.items():
-            found = compare(case["config"].replace(attn_impl=impl), case.get("z"))
+            found = compare(case["config"], case.get("z"), impl=impl)
             print(f"{impl:9s} {name:46s}" + "  ".join(f"{k} {v:.1e}" for k, v in found.items()))

@@ -1,7 +1,8 @@
 """Self-describing, pickle-free, atomically written checkpoints (safetensors).
 
 One `.safetensors` file holds the weights under `model.` and, in its JSON metadata, the format
-version, the full `ModelConfig`, the vocabulary and free-form facts (`meta`: step, source, ...).
+version, the full `ModelConfig`, the vocabulary, the `RunConfig` of the run that wrote it (if
+any) and free-form facts (`meta`: step, source, ...).
 A training checkpoint adds `state`: any nest of dicts, lists, numbers and tensors (optimiser
 state, stream positions, caches, RNG states), stored as JSON with its tensors under `state.`.
 Loading rebuilds the model from the file alone. Writes go to a temporary file in the same
@@ -23,7 +24,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from .config import ConfigError, ModelConfig
+from .config import CheckpointChoice, ConfigError, ModelConfig, RunConfig
 from .data import Vocabulary, VocabularyError
 from .model import AllAttentionLM
 
@@ -48,11 +49,15 @@ class Checkpoint:
     vocab: Vocabulary | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] | None = None
+    run_config: RunConfig | None = None
+    """The full config of the training run that wrote the checkpoint (None: not from a run)."""
+    path: Path | None = None
+    """The file it was read from."""
 
-    def build_model(self) -> AllAttentionLM:
+    def build_model(self, attn_impl: str = "auto") -> AllAttentionLM:
         """The model with these weights (dtype as stored, on the CPU, in eval mode)."""
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
-            model = AllAttentionLM(self.config)
+            model = AllAttentionLM(self.config, attn_impl)
         missing, unexpected = _compare_keys(model.state_dict(), self.weights)
         if missing or unexpected:
             raise CheckpointError(
@@ -132,8 +137,10 @@ def save(
     vocab: Vocabulary | None = None,
     meta: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
+    run_config: RunConfig | None = None,
 ) -> None:
-    """Save the model's weights, config, vocabulary, `meta` (JSON) and `state` to `path`."""
+    """Save the model's weights, config, vocabulary, `meta` (JSON), `state` and the run's
+    config to `path`."""
     if vocab is not None and len(vocab) != model.config.vocab_size:
         raise CheckpointError(
             f"vocabulary has {len(vocab)} tokens, the model {model.config.vocab_size}"
@@ -150,6 +157,8 @@ def save(
     }
     if state is not None:
         metadata["state"] = json.dumps(pack(state, tensors))
+    if run_config is not None:
+        metadata["run_config"] = json.dumps(run_config.to_dict())
     atomic_write_bytes(path, save_tensors(tensors, metadata=metadata))
 
 
@@ -177,29 +186,53 @@ def _read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
-    """Only a checkpoint's `meta` (step, run config, ...), without reading its tensors."""
+    """Only a checkpoint's `meta` (step, ...), without reading its tensors."""
     path = Path(path)
     try:
-        return json.loads(_read_metadata(path)["meta"])
+        meta = json.loads(_read_metadata(path)["meta"])
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
+    meta.pop("run_config", None)  # written into meta before 0.2
+    return meta
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's best (else last) checkpoint."""
+def load_run_config(path: str | Path) -> RunConfig | None:
+    """Only the run config of a checkpoint (None if no run wrote it), from the header alone."""
+    path = Path(path)
+    return _run_config(path, _read_metadata(path))
+
+
+def _run_config(path: Path, metadata: dict[str, str]) -> RunConfig | None:
+    try:
+        if "run_config" in metadata:
+            values = json.loads(metadata["run_config"])
+        else:  # before 0.2 the run config was part of meta
+            values = json.loads(metadata.get("meta", "{}")).get("run_config")
+        return RunConfig.from_dict(values) if values is not None else None
+    except (AttributeError, TypeError, json.JSONDecodeError, ConfigError) as error:
+        raise CheckpointError(f"{path}: bad run config in the checkpoint ({error})") from None
+
+
+CHOICES: dict[str, tuple[str, ...]] = {"best": (BEST, LAST), "last": (LAST,)}
+"""The files a run directory's `best` and `last` checkpoint mean, in order of preference: `best`
+is the best validation estimate (the last while a run has no best yet)."""
+
+
+def resolve(path: str | Path, select: CheckpointChoice = "best") -> Path:
+    """A checkpoint file, or a run directory's best (else last) or last checkpoint."""
     path = Path(path)
     if path.is_dir():
-        for name in (BEST, LAST):
+        for name in CHOICES[select]:
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"run directory {path} holds no checkpoint")
+        raise CheckpointError(f"run directory {path} holds no {select} checkpoint")
     return path
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint file or a run directory's best (else last) checkpoint, tensors on the
-    CPU. Errors name the file and the problem."""
-    path = resolve(path)
+def load(path: str | Path, select: CheckpointChoice = "best") -> Checkpoint:
+    """Read a checkpoint file or a run directory's best (else last) or last checkpoint,
+    tensors on the CPU. Errors name the file and the problem."""
+    path = resolve(path, select)
     metadata = _read_metadata(path)
     try:
         tensors = load_tensors(path.read_bytes())
@@ -213,17 +246,69 @@ def load(path: str | Path) -> Checkpoint:
         state = unpack(json.loads(metadata["state"]), tensors) if "state" in metadata else None
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError, VocabularyError) as error:
         raise CheckpointError(f"{path}: bad checkpoint metadata ({error})") from None
+    run_config = _run_config(path, metadata)
+    meta.pop("run_config", None)
     weights = {
         name.removeprefix(MODEL_PREFIX): t
         for name, t in tensors.items()
         if name.startswith(MODEL_PREFIX)
     }
-    return Checkpoint(config=config, weights=weights, vocab=vocab, meta=meta, state=state)
+    return Checkpoint(
+        config=config,
+        weights=weights,
+        vocab=vocab,
+        meta=meta,
+        state=state,
+        run_config=run_config,
+        path=path,
+    )
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    select: CheckpointChoice = "best",
+    attn_impl: str = "auto",
 ) -> tuple[AllAttentionLM, Checkpoint]:
     """The model stored in `path` (in eval mode) and the checkpoint it came from."""
-    checkpoint = load(path)
-    return checkpoint.build_model().to(device), checkpoint
+    checkpoint = load(path, select)
+    return checkpoint.build_model(attn_impl).to(device), checkpoint
+
+
+def describe(checkpoint: Checkpoint) -> str:
+    """Which checkpoint this is, for the log: its file, step and what chose it."""
+    step = checkpoint.meta.get("step")
+    facts = [f"step {step}"] if step is not None else []
+    if checkpoint.path is not None and checkpoint.path.name in (BEST, LAST):
+        facts.append("best validation estimate" if checkpoint.path.name == BEST else "newest")
+    return f"checkpoint {checkpoint.path}" + (f" ({', '.join(facts)})" if facts else "")
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """What `allattn info` shows: kind, parameters, vocabulary, config, spans and meta."""
+    ckpt = load(path)
+    model = ckpt.build_model()
+    return {
+        "checkpoint": str(path),
+        "kind": ckpt.config.kind,
+        "parameters": model.num_parameters(),
+        "vocab_level": ckpt.vocab.level if ckpt.vocab else None,
+        "vocab_size": ckpt.config.vocab_size,
+        "config": ckpt.config.to_dict(),
+        "span": model.span_stats(),
+        "run_config": ckpt.run_config.to_dict() if ckpt.run_config else None,
+        "meta": {k: v for k, v in ckpt.meta.items() if k != "logger"},
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """`info` as the lines `allattn info` prints."""
+    lines = [f"{info['checkpoint']}: {info['kind']} model, {info['parameters']:,} parameters"]
+    lines += [f"  model.{key} = {value}" for key, value in info["config"].items()]
+    lines.append(f"  vocabulary: {info['vocab_level']}, {info['vocab_size']} tokens")
+    lines.append(f"  spans: avg {info['span']['span_avg']:.0f}, max {info['span']['span_max']:.0f}")
+    if info["run_config"] is not None:
+        lines.append(f"  run_config: {info['run_config']}")
+    lines += [f"  {key}: {value}" for key, value in info["meta"].items()]
+    return "\n".join(lines)

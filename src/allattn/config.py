@@ -1,17 +1,39 @@
-"""Typed, validated configuration; one set of names for code, CLI, presets and checkpoints."""
+"""Typed, validated configuration; one set of names for code, CLI, presets and checkpoints.
+
+Every setting is a field of a frozen, keyword-only dataclass derived from `Settings`, declared
+with `setting(default, help)`: that one declaration gives the Python name, the type, the
+default, the help text, the choices (a `Literal` type) and the command-line flag. A section of a
+run (`ModelConfig` is `[model]`) has dotted flags, `--model.n_heads`; a command's own settings
+(`Settings.section == ""`) have plain ones, `--batch-size`. Validation errors name the flag.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Self
+
+AttnImpl = Literal["auto", "chunked", "reference"]
+Optimizer = Literal["adagrad", "adam"]
+Dtype = Literal["float32", "bfloat16"]
+CheckpointChoice = Literal["best", "last"]
+
+DEFAULT_PRESET = "tiny"
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, *, resumable: bool = False, **metadata: Any) -> Any:
+    """A settings field. `resumable`: a model field that acts in training only, so a resumed
+    run may change it. Other metadata: `positional` (a positional argument on the command
+    line), `parse` (turns the command-line text into the value), `metavar`."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help, "resumable": resumable, **metadata})
+    return field(default=default, metadata={"help": help, "resumable": resumable, **metadata})
 
 
 class ConfigError(ValueError):
@@ -23,26 +45,72 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-ATTN_IMPLS = ("auto", "chunked", "reference")
+def choices(hint: Any) -> tuple[Any, ...] | None:
+    """The values of a `Literal` type (also inside `X | None`), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in typing.get_args(hint):
+            found = choices(arg)
+            if found is not None:
+                return found
+    return None
 
 
-class _Section:
-    """Shared behaviour of the config sections: dict round trip and replacement."""
+def base_type(hint: Any) -> Any:
+    """int for `int | None`, str for a `Literal` of strings, else the hint itself."""
+    options = choices(hint)
+    if options is not None:
+        return type(options[0])
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return base_type(inner[0])
+    return hint
 
-    section = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class Settings:
+    """Shared behaviour of settings dataclasses: flag names, the choice rule, dict round trip."""
+
+    section: ClassVar[str] = ""
+    """The TOML table and flag prefix (`model` -> `--model.n_heads`); "" for a command's own
+    settings (`--batch-size`)."""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls)}
+    def flag(cls, name: str) -> str:
+        if cls.section:
+            return f"--{cls.section}.{name}"
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def hints(cls) -> dict[str, Any]:
+        return _hints(cls)
+
+    def __post_init__(self) -> None:
+        for name, hint in self.hints().items():
+            options = choices(hint)
+            value = getattr(self, name)
+            if options is not None and value is not None:
+                _require(
+                    value in options,
+                    f"{self.flag(name)} ({value}) must be one of {', '.join(map(str, options))}",
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks beyond the choices of `Literal` fields (overridden by the sections)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - known)
         _require(not unknown, f"unknown {cls.section} config field(s): {', '.join(unknown)}")
         return cls(**values)
 
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def _require_ints(self, minimum: int, *names: str) -> None:
         """Each named field is an int >= minimum (1: positive, 0: non-negative)."""
@@ -51,48 +119,55 @@ class _Section:
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value >= minimum,
-                f"--{self.section}.{name} ({value}) must be a {kind} integer",
+                f"{self.flag(name)} ({value}) must be a {kind} integer",
             )
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig(_Section):
+class ModelConfig(Settings):
     """The architecture (DESIGN §2). Defaults are the paper's per-layer settings at a small size."""
 
-    section = "model"
+    section: ClassVar[str] = "model"
 
-    vocab_size: int = _field(256, "number of tokens in the vocabulary (V)")
-    d_model: int = _field(256, "model width (d)")
-    n_heads: int = _field(4, "attention heads per layer (H); must divide d_model")
-    n_layers: int = _field(4, "number of layers")
-    n_persistent: int = _field(
+    vocab_size: int = setting(256, "number of tokens in the vocabulary (V)")
+    d_model: int = setting(256, "model width (d)")
+    n_heads: int = setting(4, "attention heads per layer (H); must divide d_model")
+    n_layers: int = setting(4, "number of layers")
+    n_persistent: int = setting(
         256, "persistent key/value vectors per head (N); 0 = no persistent memory"
     )
-    d_inner: int = _field(
+    d_inner: int = setting(
         0, "feed-forward inner size; 0 = no FF sublayer (the all-attention layer)"
     )
-    attn_span: int = _field(512, "maximum attention span S (previous tokens a query can see)")
-    adapt_span: bool = _field(True, "learn a soft span per head (adaptive attention span)")
-    span_ramp: int = _field(32, "length R of the soft span mask's linear ramp")
-    span_init: float = _field(0.0, "initial span parameter z in [0, 1] (span = z * attn_span)")
-    span_loss_coef: float = _field(0.0, "coefficient of the span regulariser in the training loss")
-    adapt_cache: bool = _field(
+    attn_span: int = setting(512, "maximum attention span S (previous tokens a query can see)")
+    adapt_span: bool = setting(True, "learn a soft span per head (adaptive attention span)")
+    span_ramp: int = setting(32, "length R of the soft span mask's linear ramp")
+    span_init: float = setting(0.0, "initial span parameter z in [0, 1] (span = z * attn_span)")
+    span_loss_coef: float = setting(
+        0.0, "coefficient of the span regulariser in the training loss", resumable=True
+    )
+    adapt_cache: bool = setting(
         True, "shrink each layer's cache to its learned span + 64 (only with adapt_span)"
     )
-    dropout: float = _field(0.0, "dropout on attention weights (and the FF hidden layer)")
-    emb_dropout: float = _field(0.0, "dropout on the token embeddings and the final hidden state")
-    renorm_eps: float = _field(
+    dropout: float = setting(
+        0.0, "dropout on attention weights (and the FF hidden layer)", resumable=True
+    )
+    emb_dropout: float = setting(
+        0.0, "dropout on the token embeddings and the final hidden state", resumable=True
+    )
+    renorm_eps: float = setting(
         1e-8,
         "epsilon of the span renormalisation a/(sum(a)+eps); 1e-8 is the original's, "
         "0 makes trimming exact",
     )
-    attn_impl: str = _field(
-        "auto",
-        "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
-        "block), or auto (chunked); all compute the same function",
-    )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self._require_ints(
             1, "vocab_size", "d_model", "n_heads", "n_layers", "attn_span", "span_ramp"
         )
@@ -112,10 +187,11 @@ class ModelConfig(_Section):
             f"--model.span_loss_coef ({self.span_loss_coef}) must be >= 0",
         )
         _require(self.renorm_eps >= 0.0, f"--model.renorm_eps ({self.renorm_eps}) must be >= 0")
-        _require(
-            self.attn_impl in ATTN_IMPLS,
-            f"--model.attn_impl ({self.attn_impl}) must be one of {', '.join(ATTN_IMPLS)}",
-        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        # Checkpoints before 0.2 stored the kernel as architecture; it is a run-time choice now.
+        return super().from_dict({k: v for k, v in values.items() if k != "attn_impl"})
 
     @property
     def head_dim(self) -> int:
@@ -134,68 +210,58 @@ class ModelConfig(_Section):
         return "attention-only"
 
 
-OPTIMIZERS = ("adagrad", "adam")
-
-
 @dataclass(frozen=True, kw_only=True)
-class OptimConfig(_Section):
+class OptimConfig(Settings):
     """The optimiser and its schedule (DESIGN §3). Defaults: the character-level recipe."""
 
-    section = "optim"
+    section: ClassVar[str] = "optim"
 
-    optimizer: str = _field(
+    optimizer: Optimizer = setting(
         "adagrad",
         "adagrad (per-parameter step clipping, the character-level recipe) or adam (global "
         "gradient-norm clipping, the word-level recipe)",
     )
-    lr: float = _field(0.07, "learning rate after warm-up")
-    warmup_steps: int = _field(0, "linear warm-up: update t uses lr * min(1, t / warmup_steps)")
-    grad_clip: float = _field(
+    lr: float = setting(0.07, "learning rate after warm-up")
+    warmup_steps: int = setting(0, "linear warm-up: update t uses lr * min(1, t / warmup_steps)")
+    grad_clip: float = setting(
         0.03,
         "adagrad: shrink a parameter's step when its gradient norm exceeds this; "
         "adam: clip the global gradient norm to this; 0 = no clipping",
     )
 
-    def __post_init__(self) -> None:
-        _require(
-            self.optimizer in OPTIMIZERS,
-            f"--optim.optimizer ({self.optimizer}) must be one of {', '.join(OPTIMIZERS)}",
-        )
+    def validate(self) -> None:
         _require(self.lr > 0, f"--optim.lr ({self.lr}) must be > 0")
         self._require_ints(0, "warmup_steps")
         _require(self.grad_clip >= 0, f"--optim.grad_clip ({self.grad_clip}) must be >= 0")
 
 
-DTYPES = ("float32", "bfloat16")
-
-
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(_Section):
+class TrainConfig(Settings):
     """The training run (DESIGN §3). Defaults: the paper's character-level scripts."""
 
-    section = "train"
+    section: ClassVar[str] = "train"
 
-    data: str = _field(
+    data: str = setting(
         "", "prepared data directory (`allattn prepare`); empty = the bundled tiny-shakespeare"
     )
-    batch_size: int = _field(64, "parallel streams B (the global batch)")
-    block_size: int = _field(512, "tokens per stream per step M")
-    batch_split: int = _field(1, "run the batch in this many slices (memory only; divides B)")
-    steps: int = _field(1000, "optimiser updates in total (a resumed run continues to this)")
-    eval_interval: int = _field(
+    batch_size: int = setting(64, "parallel streams B (the global batch)")
+    block_size: int = setting(512, "tokens per stream per step M")
+    batch_split: int = setting(1, "run the batch in this many slices (memory only; divides B)")
+    steps: int = setting(1000, "optimiser updates in total (a resumed run continues to this)")
+    eval_interval: int = setting(
         1000, "validate, log and checkpoint every this many steps (the original's nbatches)"
     )
-    eval_batch_size: int = _field(8, "streams for full evaluation (`allattn eval`)")
-    seed: int = _field(0, "seed of initialisation, dropout and wrap-around offsets")
-    device: str = _field("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    dtype: str = _field("float32", "float32, or bfloat16 autocast (softmax statistics in float32)")
-    exact_resume: bool = _field(
+    eval_batch_size: int = setting(
+        8, "streams of the full evaluation (`allattn eval` of this run; 8 as the original)"
+    )
+    seed: int = setting(0, "seed of initialisation, dropout and wrap-around offsets")
+    exact_resume: bool = setting(
         True,
         "resume with the saved stream positions, caches and RNG states; false = the original "
         "(restart the data at position 0 with zero caches)",
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self._require_ints(1, "batch_size", "block_size", "batch_split", "steps", "eval_interval")
         _require(
             self.batch_size % self.batch_split == 0,
@@ -203,23 +269,54 @@ class TrainConfig(_Section):
             f"({self.batch_size})",
         )
         self._require_ints(1, "eval_batch_size")
-        _require(self.dtype in DTYPES, f"--train.dtype ({self.dtype}) must be one of {DTYPES}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig(Settings):
+    """Where and how the computation runs; changes no result beyond rounding, so training,
+    resuming, evaluation and generation may each choose (`allattn.runtime` applies it)."""
+
+    section: ClassVar[str] = "runtime"
+
+    device: str = setting("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
+    dtype: Dtype = setting(
+        "float32", "float32, or bfloat16 autocast (softmax statistics in float32)"
+    )
+    attn_impl: AttnImpl = setting(
+        "auto",
+        "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
+        "block), or auto (chunked; reference under bfloat16); all compute the same function",
+    )
+
+    def validate(self) -> None:
         _require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"--train.device ({self.device}) must be auto, cpu, cuda or cuda:N",
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"--runtime.device ({self.device}) must be auto, cpu, cuda or cuda:N",
         )
 
 
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS: dict[str, type[Settings]] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "runtime": RuntimeConfig,
+}
+# Fields that moved sections (checkpoints and presets written before 0.2): old -> new.
+_MOVED = {
+    ("train", "device"): "runtime",
+    ("train", "dtype"): "runtime",
+    ("model", "attn_impl"): "runtime",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Everything a training run needs: model, optimiser, training loop."""
+    """Everything a training run needs: model, optimiser, training loop, runtime."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
@@ -234,7 +331,12 @@ class RunConfig:
         _require(not unknown, f"unknown config section(s): {', '.join(unknown)}")
         for name, section in values.items():
             _require(isinstance(section, dict), f"config section [{name}] must be a table")
-        return cls(**{name: SECTIONS[name].from_dict(values.get(name, {})) for name in SECTIONS})
+        values = {name: dict(values.get(name, {})) for name in SECTIONS}
+        for (old, name), new in _MOVED.items():
+            if name in values[old]:
+                values[new].setdefault(name, values[old].pop(name))
+        sections = {name: SECTIONS[name].from_dict(values[name]) for name in SECTIONS}
+        return cls(**sections)  # type: ignore[arg-type]
 
     def override(self, assignments: dict[str, str]) -> RunConfig:
         """Apply `{"model.n_layers": "4", ...}` (strings, as given on the command line)."""
@@ -242,9 +344,9 @@ class RunConfig:
         for key, text in assignments.items():
             section, _, name = key.partition(".")
             cls = SECTIONS.get(section)
-            fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
-            _require(name in fields, f"unknown flag --{key}")
-            values[section][name] = _parse(key, text, fields[name].type)
+            hints = cls.hints() if cls else {}
+            _require(name in hints, f"unknown flag --{key}")
+            values[section][name] = parse_value(f"--{key}", text, hints[name])
         return RunConfig.from_dict(values)
 
     def to_toml(self) -> str:
@@ -258,38 +360,21 @@ class RunConfig:
         return "\n".join(lines)
 
 
-def parse_overrides(argv: list[str]) -> dict[str, str]:
-    """`--section.field VALUE` / `--section.field=VALUE` pairs -> {"section.field": "VALUE"}."""
-    assignments, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        _require(arg.startswith("--") and "." in arg, f"unrecognized argument {arg}")
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            _require(i + 1 < len(argv), f"--{key} needs a value")
-            value = argv[i + 1]
-            i += 1
-        assignments[key] = value
-        i += 1
-    return assignments
-
-
-def _parse(key: str, text: str, kind: Any) -> Any:
-    kind = kind if isinstance(kind, str) else kind.__name__
+def parse_value(flag: str, text: str, hint: Any) -> Any:
+    """The value of `text` given on the command line for a field of type `hint`."""
+    kind = base_type(hint)
     try:
-        if kind == "bool":
+        if kind is bool:
             lowered = text.lower()
             if lowered in ("true", "1", "yes", "on"):
                 return True
             if lowered in ("false", "0", "no", "off"):
                 return False
             raise ValueError
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
+        if kind in (int, float):
+            return kind(text)
     except ValueError:
-        raise ConfigError(f"--{key} expects {kind}, got {text!r}") from None
+        raise ConfigError(f"{flag} expects {kind.__name__}, got {text!r}") from None
     return text
 
 
@@ -310,20 +395,42 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> RunConfig:
-    """A shipped preset by name, or any TOML file with [model], [optim], [train] tables."""
+    """A shipped preset by name, or any TOML file with [model], [optim], [train], [runtime]
+    tables. `extends = "BASE"` (a preset name or a .toml path, relative to the file) takes
+    BASE's tables and overrides the fields given."""
+    return RunConfig.from_dict(_preset_values(name, ()))
+
+
+def _preset_values(name: str, chain: tuple[str, ...]) -> dict[str, Any]:
     if name.endswith(".toml"):
         path = Path(name)
+        key = str(path.resolve())
         _require(path.is_file(), f"preset file {path} does not exist")
         text = path.read_text(encoding="utf-8")
     else:
         resource = resources.files("allattn") / "configs" / f"{name}.toml"
+        key = name
         _require(
             resource.is_file(),
             f"unknown preset {name!r}; choose from {', '.join(preset_names())} or a .toml file",
         )
         text = resource.read_text(encoding="utf-8")
+    _require(
+        key not in chain,
+        f"preset {name} extends itself: {' -> '.join((*chain, key))}",
+    )
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"preset {name}: {error}") from None
-    return RunConfig.from_dict(values)
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    _require(isinstance(base, str), f"preset {name}: extends must be a preset name or file")
+    if base.endswith(".toml") and name.endswith(".toml"):
+        base = str(Path(name).parent / base)
+    merged = _preset_values(base, (*chain, key))
+    for section, table in values.items():
+        _require(isinstance(table, dict), f"config section [{section}] must be a table")
+        merged[section] = {**merged.get(section, {}), **table}
+    return merged

@@ -1,4 +1,4 @@
-"""Vocabularies, tokenised corpora on disk, parallel streams, and the bundled corpus.
+"""Vocabularies, tokenised corpora on disk, parallel streams of blocks, and the bundled corpus.
 
 A vocabulary is an ordered list of token strings and a level:
     byte  every byte is a token, written as the one character chr(byte) (Latin-1); the newline
@@ -19,13 +19,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 EOS = "<eos>"
 LEVELS = ("byte", "char", "word")
@@ -183,14 +185,65 @@ class Corpus:
         return cls(vocab=vocab, splits=splits, meta=meta)
 
     def streams(self, split: str, batch_size: int) -> np.ndarray:
-        """B contiguous streams (B, T), T = len // B; the last len mod B tokens are dropped."""
-        ids = self.splits[split]
-        length = len(ids) // batch_size
-        if length < 2:
+        """The split as `batch_size` parallel streams, (B, T) (see `batchify`)."""
+        return batchify(self.splits[split], batch_size, split)
+
+
+def batchify(ids: np.ndarray, batch_size: int, split: str = "") -> np.ndarray:
+    """B contiguous streams (B, T), T = len // B; the last len mod B tokens are dropped."""
+    length = len(ids) // batch_size
+    if length < 2:
+        raise CorpusError(
+            f"the {split} split ({len(ids)} tokens) is too short for {batch_size} streams"
+        )
+    return ids[: batch_size * length].reshape(batch_size, length)
+
+
+def read_block(streams: np.ndarray, start: int, block_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs and targets (B, M) of the block at `start` of every stream: x = tokens
+    start..start+M-1, y = x shifted by one."""
+    block = torch.from_numpy(np.array(streams[:, start : start + block_size + 1], np.int64))
+    return block[:, :-1], block[:, 1:]
+
+
+class Streams:
+    """B parallel streams over one split, read block by block (training and validation, DESIGN
+    §3): at the end of the streams, they restart at a random offset in [0, M)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, split: str) -> None:
+        self.tokens = tokens  # (B, T)
+        self.block_size = block_size
+        length = tokens.shape[1]
+        if length < 2 * block_size:
             raise CorpusError(
-                f"the {split} split ({len(ids)} tokens) is too short for {batch_size} streams"
+                f"the {split} split gives streams of {length} tokens, too short for "
+                f"--train.block_size {block_size} (needs {2 * block_size})"
             )
-        return ids[: batch_size * length].reshape(batch_size, length)
+        self.pos = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_block(self) -> tuple[Tensor, Tensor, bool]:
+        """(x, y) of shape (B, M) and whether the streams wrapped around after this block."""
+        x, y = read_block(self.tokens, self.pos, self.block_size)
+        self.pos += self.block_size
+        wrapped = self.pos >= self.tokens.shape[1] - self.block_size
+        if wrapped:
+            self.pos = int(torch.randint(0, self.block_size, (1,), generator=self.generator))
+        return x, y, wrapped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pos = int(state["pos"])
+        self.generator.set_state(state["generator"])
+
+
+def full_blocks(streams: np.ndarray, block_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every full block of the streams from position 0, no wrap-around (full evaluation,
+    DESIGN §3): starts p = 0, M, 2M, ... while p + M <= T - 1."""
+    for i in range((streams.shape[1] - 1) // block_size):
+        yield read_block(streams, i * block_size, block_size)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:

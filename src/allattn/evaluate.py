@@ -10,17 +10,48 @@ mean of the per-block mean losses, which equals the mean over scored tokens (all
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from . import checkpoint
-from .data import SPLITS, Corpus, CorpusError, load_corpus
+from . import checkpoint, runtime
+from .config import CheckpointChoice, RuntimeConfig, Settings, TrainConfig, setting
+from .data import Corpus, CorpusError, batchify, full_blocks, load_corpus
+from .metrics import bits, perplexity
 from .model import AllAttentionLM
-from .train import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "valid", "test"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Settings):
+    """What `allattn eval` scores: which checkpoint, on which split, in how many streams."""
+
+    section: ClassVar[str] = ""
+
+    checkpoint: str = setting(dataclasses.MISSING, "checkpoint file or run directory")
+    select: CheckpointChoice = setting(
+        "best",
+        "which checkpoint of a run directory: best (by the validation estimate) or last "
+        "(the newest, which the original evaluates)",
+    )
+    data: str | None = setting(None, "data directory (default: the one the run trained on)")
+    split: Split = setting("test", "the split to score")
+    batch_size: int | None = setting(
+        None, "parallel streams (default: the run's --train.eval_batch_size, 8 as the original)"
+    )
+    block_size: int | None = setting(None, "tokens per block (default: the run's block size)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "block_size"):
+            if getattr(self, name) is not None:
+                self._require_ints(1, name)
 
 
 @dataclass
@@ -30,9 +61,21 @@ class EvalResult:
     loss_nats: float
     bpc: float
     ppl: float
+    checkpoint: str | None = None
+    """The checkpoint file scored (set by `run`)."""
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
+
+
+def _full_blocks(length: int, batch_size: int, block_size: int, split: str) -> int:
+    n_blocks = (length // batch_size - 1) // block_size
+    if n_blocks < 1:
+        raise CorpusError(
+            f"the {split} split ({length} tokens) has no full block of {block_size} "
+            f"in {batch_size} streams"
+        )
+    return n_blocks
 
 
 def scored_tokens(length: int, batch_size: int, block_size: int) -> int:
@@ -45,30 +88,20 @@ def evaluate(
     model: AllAttentionLM,
     ids: np.ndarray,
     *,
-    batch_size: int = 8,
+    batch_size: int = TrainConfig().eval_batch_size,
     block_size: int,
     split: str = "test",
     dtype: str = "float32",
 ) -> EvalResult:
     """Score `ids` (1-D) as DESIGN §3 says; the model's device and dtype are used."""
-    length = len(ids) // batch_size
-    n_blocks = (length - 1) // block_size
-    if n_blocks < 1:
-        raise CorpusError(
-            f"the {split} split ({len(ids)} tokens) has no full block of {block_size} "
-            f"in {batch_size} streams"
-        )
+    n_blocks = _full_blocks(len(ids), batch_size, block_size, split)
     device = next(model.parameters()).device
-    streams = ids[: batch_size * length].reshape(batch_size, length)
     model.eval()
     cache = model.init_cache(batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with autocast(device, dtype):
-        for i in range(n_blocks):
-            p = i * block_size
-            block = torch.from_numpy(np.array(streams[:, p : p + block_size + 1], np.int64))
-            block = block.to(device)
-            out = model(block[:, :-1], block[:, 1:], cache)
+    with runtime.autocast(device, dtype):
+        for x, y in full_blocks(batchify(ids, batch_size, split), block_size):
+            out = model(x.to(device), y.to(device), cache)
             cache = out.cache
             total += out.loss.double()
     loss = total.item() / n_blocks
@@ -76,47 +109,46 @@ def evaluate(
         split=split,
         tokens=n_blocks * block_size * batch_size,
         loss_nats=loss,
-        bpc=loss / math.log(2),
-        ppl=math.exp(loss) if loss < 700 else math.inf,
+        bpc=bits(loss),
+        ppl=perplexity(loss),
     )
 
 
-def run(
-    checkpoint_file: str | Path,
-    *,
-    data: str | None = None,
-    split: str = "test",
-    batch_size: int = 8,
-    block_size: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-) -> EvalResult:
-    """Evaluate a checkpoint on a split of its data (or of `data`)."""
-    if split not in SPLITS:
-        raise CorpusError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise CorpusError(f"--batch-size ({batch_size}) must be a positive integer")
-    ckpt = checkpoint.load(checkpoint_file)
-    run_config = ckpt.meta.get("run_config", {}).get("train", {})
+def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> EvalResult:
+    """Evaluate a checkpoint on a split of its data (or of `config.data`)."""
+    ckpt = checkpoint.load(config.checkpoint, config.select)
+    run = ckpt.run_config
+    data = config.data
     if data is None:
-        data = ckpt.meta.get("data", run_config.get("data"))
-        if data is None:
+        if run is None:
             raise CorpusError("the checkpoint does not name its data; pass --data")
+        data = run.train.data
     corpus: Corpus = load_corpus(data)
     if ckpt.vocab is not None and ckpt.vocab != corpus.vocab:
         raise CorpusError(
             f"the vocabulary of {data or 'the bundled corpus'} differs from the checkpoint's"
         )
+    block_size = config.block_size
     if block_size is None:
-        block_size = run_config.get("block_size")
-        if block_size is None:
+        if run is None:
             raise CorpusError("the checkpoint does not record its block size; pass --block-size")
-    model = ckpt.build_model().to(resolve_device(device))
-    return evaluate(
+        block_size = run.train.block_size
+    batch_size = config.batch_size
+    if batch_size is None:
+        batch_size = (run.train if run is not None else TrainConfig()).eval_batch_size
+    ids = corpus.splits[config.split]
+    _full_blocks(len(ids), batch_size, block_size, config.split)
+    chosen = runtime.resolve(runtime_config or RuntimeConfig())
+    model = ckpt.build_model(chosen.attn_impl).to(chosen.device)
+    log.info("%s, %s split, %d streams of blocks of %d", checkpoint.describe(ckpt), config.split, batch_size, block_size)
+    chosen.log()
+    result = evaluate(
         model,
-        corpus.splits[split],
+        ids,
         batch_size=batch_size,
         block_size=block_size,
-        split=split,
-        dtype=dtype,
+        split=config.split,
+        dtype=chosen.dtype,
     )
+    result.checkpoint = str(ckpt.path)
+    return result

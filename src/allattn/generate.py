@@ -13,37 +13,80 @@ over the whole sequence (tested to 1e-9 in float64).
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from . import checkpoint, runtime
+from .config import CheckpointChoice, ConfigError, RuntimeConfig, Settings, setting
 from .data import EOS, Vocabulary, VocabularyError
 from .model import AllAttentionLM
+
+log = logging.getLogger(__name__)
 
 PROMPT_BLOCK = 256
 """Prompt tokens per forward pass while the prompt is consumed."""
 
 
 @dataclass(frozen=True)
-class Sampling:
+class Sampling(Settings):
     """How the next token is drawn from the model's distribution."""
 
-    temperature: float = 1.0
-    """Divides the log-probabilities; 0 picks the most likely token (greedy decoding)."""
-    top_k: int | None = None
-    """Draw only among the k most likely tokens."""
-    top_p: float | None = None
-    """Draw only among the most likely tokens whose probabilities sum to at least p (nucleus)."""
+    section: ClassVar[str] = ""
 
-    def __post_init__(self) -> None:
+    temperature: float = setting(
+        1.0, "divides the log-probabilities; 0 always takes the likeliest token (greedy)"
+    )
+    top_k: int | None = setting(None, "draw among the k likeliest tokens only")
+    top_p: float | None = setting(
+        None, "draw only among the likeliest tokens whose probabilities sum to p (nucleus)"
+    )
+
+    def validate(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"--temperature ({self.temperature}) must be at least 0")
+            raise ConfigError(f"--temperature ({self.temperature}) must be at least 0")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"--top-k ({self.top_k}) must be a positive integer")
+            raise ConfigError(f"--top-k ({self.top_k}) must be a positive integer")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p ({self.top_p}) must be in (0, 1]")
+            raise ConfigError(f"--top-p ({self.top_p}) must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(Settings):
+    """What `allattn generate` continues, from which checkpoint, and how much."""
+
+    section: ClassVar[str] = ""
+
+    checkpoint: str = setting(dataclasses.MISSING, "checkpoint file or run directory")
+    select: CheckpointChoice = setting(
+        "best", "which checkpoint of a run directory: best (by the validation estimate) or last"
+    )
+    prompt: str = setting("", "text to continue (default: a newline)")
+    prompt_file: str | None = setting(None, "read the prompt from this UTF-8 file instead")
+    max_new_tokens: int = setting(500, "tokens to generate")
+    seed: int | None = setting(None, "same seed, same text on the same machine (default: random)")
+    echo: bool = setting(True, "print the prompt before its continuation")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens ({self.max_new_tokens}) is negative")
+        if self.prompt and self.prompt_file is not None:
+            raise ConfigError("--prompt and --prompt-file exclude each other")
+
+    def read_prompt(self) -> str:
+        """The prompt text: `prompt`, or the contents of `prompt_file`."""
+        if self.prompt_file is None:
+            return self.prompt
+        try:
+            return Path(self.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.prompt_file} is not UTF-8 text") from None
 
 
 def allowed(logprobs: Tensor, sampling: Sampling) -> Tensor:
@@ -205,3 +248,31 @@ def sample(
 ) -> str:
     """The continuation of `prompt` (max_new_tokens tokens) as one string."""
     return "".join(stream(model, vocab, prompt, max_new_tokens, sampling, seed=seed))
+
+
+def run(
+    config: GenerateConfig,
+    sampling: Sampling = Sampling(),
+    runtime_config: RuntimeConfig | None = None,
+) -> Iterator[str]:
+    """The text `allattn generate` writes, piece by piece: the prompt (if `echo`), then its
+    continuation as it is sampled. The checkpoint and prompt are checked at the call."""
+    prompt = config.read_prompt()
+    chosen = runtime.resolve(runtime_config or RuntimeConfig())
+    if chosen.dtype != "float32":
+        raise ConfigError("generation runs in float32; --runtime.dtype is for train and eval")
+    model, ckpt = checkpoint.load_model(
+        config.checkpoint, chosen.device, select=config.select, attn_impl=chosen.attn_impl
+    )
+    if ckpt.vocab is None:
+        raise checkpoint.CheckpointError(f"{config.checkpoint}: the checkpoint has no vocabulary")
+    pieces = stream(model, ckpt.vocab, prompt, config.max_new_tokens, sampling, seed=config.seed)
+    log.info("%s", checkpoint.describe(ckpt))
+    chosen.log()
+    return _echoed(prompt if config.echo else "", pieces)
+
+
+def _echoed(prompt: str, pieces: Iterator[str]) -> Iterator[str]:
+    if prompt:
+        yield prompt
+    yield from pieces

@@ -42,14 +42,15 @@ class LMOutput:
 class MultiHeadAttention(nn.Module):
     """Projections (no bias), adaptive span and persistent memory around `attention.attend`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.renorm_eps = config.renorm_eps
-        self.impl = config.attn_impl
+        self.attn_impl = attn_impl
+        """The kernel (`attention.attend`'s impl): a run-time choice, not architecture."""
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
@@ -78,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         """h: the block (B, M, d); cached: the L kept cache rows (B, L, d); pos: (L, D)."""
         keys = self._project(self.k_proj, cached, h)
         values = self._project(self.v_proj, cached, h)
-        return self._attend(h, keys, values, pos, self.impl, self.fixed(pos.size(0)))
+        return self._attend(h, keys, values, pos, self.attn_impl, self.fixed(pos.size(0)))
 
     def fixed(self, n_context: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """What depends on the weights only: span mask (H, L), persistent keys and values."""
@@ -96,7 +97,7 @@ class MultiHeadAttention(nn.Module):
         if kv.fixed is None:  # computed once per cache: the weights do not change
             kv.fixed = self.fixed(pos.size(0))
         # One query sees every context row: the dense kernel needs no band and no copies.
-        impl = "reference" if h.size(1) == 1 else self.impl
+        impl = "reference" if h.size(1) == 1 else self.attn_impl
         return self._attend(h, keys, values, pos, impl, kv.fixed)
 
     def _attend(self, h, keys, values, pos, impl, fixed) -> Tensor:
@@ -138,11 +139,11 @@ class AllAttentionLayer(nn.Module):
     shape (S, D) with row delta - 1 holding p_delta.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         self.attn_span = config.attn_span
         self.adapt_cache = config.adapt_cache
-        self.attn = MultiHeadAttention(config)
+        self.attn = MultiHeadAttention(config, attn_impl)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.ff = FeedForward(config) if config.d_inner else None
         self.norm2 = nn.LayerNorm(config.d_model) if config.d_inner else None
@@ -246,15 +247,23 @@ class KVCache:
 class AllAttentionLM(nn.Module):
     """Character/byte/word language model: embedding, layers with caches, linear + log-softmax."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # N(0, 1), no scaling
         # Relative positions, shared by every head and layer: row delta - 1 = p_delta, N(0, 1).
         self.pos_emb = nn.Parameter(torch.randn(config.attn_span, config.head_dim))
-        self.layers = nn.ModuleList(AllAttentionLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            AllAttentionLayer(config, attn_impl) for _ in range(config.n_layers)
+        )
         self.emb_dropout = nn.Dropout(config.emb_dropout)
         self.out = nn.Linear(config.d_model, config.vocab_size)  # not tied to tok_emb
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """Run the attention with another kernel: "chunked", "reference" or "auto" (chunked, or
+        reference for half precision and autocast). Every kernel computes the same function."""
+        for layer in self.layers:
+            layer.attn.attn_impl = attn_impl
 
     def init_cache(self, batch_size: int) -> Cache:
         """Zero caches for `batch_size` streams, each of its layer's current cache size."""

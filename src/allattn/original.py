@@ -11,17 +11,18 @@ from `ImportOptions`, whose defaults are the original's command-line defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from . import checkpoint
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, Settings, setting
 from .data import EOS, Vocabulary, VocabularyError
 
 WRAPPER_PREFIX = "module."
@@ -35,14 +36,38 @@ class OriginalFormatError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImportOptions:
+class ImportFiles(Settings):
+    """What `allattn import-original` reads and writes."""
+
+    section: ClassVar[str] = ""
+
+    original: str = setting(
+        dataclasses.MISSING, "the original checkpoint (.pt)", positional=True
+    )
+    out: str = setting(dataclasses.MISSING, "the allattn checkpoint to write", positional=True)
+    train_txt: str | None = setting(
+        None, "the original's prepared train.txt (gives its token ids)"
+    )
+    vocab: str | None = setting(None, "an allattn vocabulary JSON: the id order wanted")
+    level: Literal["auto", "byte", "char", "word"] = setting(
+        "auto", "tokens of train.txt: byte (enwik8), char (text8), word; auto guesses"
+    )
+    force: bool = setting(False, "replace OUT if it exists")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions(Settings):
     """Settings a checkpoint of the original code does not record (the original's defaults)."""
 
-    dropout: float = 0.2
-    emb_dropout: float = 0.0
-    span_ramp: int = 32
-    span_loss_coef: float = 0.0
-    adapt_cache: bool = False
+    section: ClassVar[str] = ""
+
+    dropout: float = setting(0.2, "attention dropout")
+    emb_dropout: float = setting(0.0, "embedding dropout")
+    span_ramp: int = setting(32, "span ramp R")
+    span_loss_coef: float = setting(0.0, "span loss coefficient")
+    adapt_cache: bool = setting(
+        False, "adaptive cache size (the paper's scripts use it; the original's default is off)"
+    )
 
 
 def read_original_vocabulary(train_txt: str | Path) -> list[str]:

@@ -20,13 +20,15 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Sequence
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from . import __version__
+from .config import Settings, setting
 from .data import (
     BUNDLED_SHA256,
     DEFAULT_SPLIT,
@@ -72,7 +74,53 @@ ARCHIVES = {
         checksums={"md5": "3bea1919949baf155f99411df5fada7e"},
     ),
 }
-NAMES = ("tiny-shakespeare", "enwik8", "text8", "text")
+CorpusName = Literal["tiny-shakespeare", "enwik8", "text8", "text"]
+NAMES: tuple[str, ...] = typing.get_args(CorpusName)
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """"0.9,0.05,0.05" -> (0.9, 0.05, 0.05)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise PrepareError(f"{text!r} is not comma-separated fractions") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(Settings):
+    """What `allattn prepare` reads and writes."""
+
+    section: ClassVar[str] = ""
+
+    name: CorpusName = setting("tiny-shakespeare", "the corpus", positional=True)
+    source: str | None = setting(
+        None, "local file or URL (default: the canonical URL / the bundled copy)"
+    )
+    out: str | None = setting(None, "data directory to write (default: data/NAME)")
+    split: tuple[float, ...] = setting(
+        DEFAULT_SPLIT,
+        "train,valid,test fractions of text corpora (default 0.9,0.05,0.05)",
+        parse=fractions,
+        metavar="TRAIN,VALID,TEST",
+    )
+    verify: bool = setting(True, "refuse an archive whose checksum differs from the published")
+    force: bool = setting(False, "replace OUT if it exists")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"data/{self.name}")
+
+
+def run(options: PrepareOptions) -> Corpus:
+    """`prepare` with the command's options."""
+    return prepare(
+        options.name,
+        options.out_dir,
+        source=options.source,
+        split=options.split,
+        verify=options.verify,
+        overwrite=options.force,
+    )
 
 
 class PrepareError(ValueError):

@@ -13,79 +13,116 @@ resumed run continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, runtime
 from .checkpoint import BEST, LAST, CheckpointError, atomic_write_bytes
-from .config import ConfigError, RunConfig
-from .data import Corpus, CorpusError, load_corpus
+from .config import (
+    DEFAULT_PRESET,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    Settings,
+    load_preset,
+    setting,
+)
+from .data import Corpus, CorpusError, Streams, Vocabulary, load_corpus
+from .metrics import METRICS, MetricsLog, bits
 from .model import AllAttentionLM, Cache
 from .optim import Optimizer
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
-# Model fields a resumed run may change: they act in training only.
-RESUMABLE_MODEL_FIELDS = {"dropout", "emb_dropout", "span_loss_coef"}
+"""The resolved config of a run directory, as TOML."""
+__all__ = [
+    "BEST",
+    "CONFIG",
+    "LAST",
+    "METRICS",
+    "Streams",
+    "TrainOptions",
+    "TrainResult",
+    "Trainer",
+    "adopt_vocabulary",
+    "describe",
+    "resolve_config",
+    "run",
+    "run_block",
+]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--train.device {name}: CUDA is not available")
-    return torch.device(name)
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(Settings):
+    """What `allattn train` starts from and where it writes; the run itself is a `RunConfig`."""
+
+    section: ClassVar[str] = ""
+
+    preset: str | None = setting(None, f"preset name or .toml file (default: {DEFAULT_PRESET})")
+    data: str | None = setting(None, "prepared data directory (same as --train.data)")
+    out: str | None = setting(None, "run directory (default: runs/PRESET)")
+    resume: bool = setting(False, "continue the run in --out (its config, with the overrides)")
+    force: bool = setting(False, "restart a run directory from scratch")
+    print_config: bool = setting(False, "show the resolved config and parameter count, then stop")
+    progress: bool = setting(True, "show a progress bar")
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def resolve_config(options: TrainOptions, overrides: dict[str, str]) -> tuple[RunConfig, Path]:
+    """The run's config and directory: the preset (or, with `resume`, the run's own config)
+    with the `--section.field` overrides applied."""
+    assignments = dict(overrides)
+    if options.data is not None:
+        assignments["train.data"] = options.data
+    if options.resume:
+        if options.preset:
+            raise ConfigError("--resume takes the config from the run, not from --preset")
+        if not options.out:
+            raise ConfigError("--resume needs --out RUN_DIR")
+        run_dir = Path(options.out)
+        last = run_dir / LAST
+        if not last.exists():
+            raise CheckpointError(f"nothing to resume: {last} does not exist")
+        saved = checkpoint.load_run_config(last)  # the header only: no tensors
+        if saved is None:
+            raise ConfigError(f"{run_dir} is not a training run")
+        base = saved
+    else:
+        preset = options.preset or DEFAULT_PRESET
+        base = load_preset(preset)
+        run_dir = Path(options.out or f"runs/{Path(preset).stem}")
+    return base.override(assignments), run_dir
 
 
-class Streams:
-    """B parallel streams over one split, read block by block, wrapping at a random offset."""
+def adopt_vocabulary(config: RunConfig, vocab: Vocabulary) -> RunConfig:
+    """`config` with the vocabulary size of its data."""
+    if config.model.vocab_size == len(vocab):
+        return config
+    return config.replace(model=config.model.replace(vocab_size=len(vocab)))
 
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, split: str) -> None:
-        self.tokens = tokens  # (B, T)
-        self.block_size = block_size
-        length = tokens.shape[1]
-        if length < 2 * block_size:
-            raise CorpusError(
-                f"the {split} split gives streams of {length} tokens, too short for "
-                f"--train.block_size {block_size} (needs {2 * block_size})"
-            )
-        self.pos = 0
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def next_block(self) -> tuple[Tensor, Tensor, bool]:
-        """(x, y) of shape (B, M) and whether the streams wrapped around after this block."""
-        p, m = self.pos, self.block_size
-        block = torch.from_numpy(np.array(self.tokens[:, p : p + m + 1], dtype=np.int64))
-        self.pos += m
-        wrapped = self.pos >= self.tokens.shape[1] - m
-        if wrapped:
-            self.pos = int(torch.randint(0, m, (1,), generator=self.generator))
-        return block[:, :-1], block[:, 1:], wrapped
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pos = int(state["pos"])
-        self.generator.set_state(state["generator"])
+def describe(config: RunConfig) -> str:
+    """The resolved config as TOML and its parameter count (`--print-config`); the vocabulary
+    size is the data's when the data directory exists."""
+    data = config.train.data
+    if not data or Path(data).is_dir():
+        config = adopt_vocabulary(config, load_corpus(data).vocab)
+    model = config.model
+    with torch.device("meta"):
+        n_params = AllAttentionLM(model).num_parameters()
+    return (
+        f"{config.to_toml()}\n"
+        f"# {model.kind} model: {n_params:,} parameters (vocab_size {model.vocab_size})"
+    )
 
 
 def run_block(
@@ -131,10 +168,11 @@ class Trainer:
         self.corpus = corpus
         self.run_dir = run_dir
         train = config.train
-        self.device = resolve_device(train.device)
-        self.amp = autocast(self.device, train.dtype)
+        self.runtime = runtime.resolve(config.runtime)
+        self.device = self.runtime.device
+        self.amp = self.runtime.autocast()
         torch.manual_seed(train.seed)
-        self.model = AllAttentionLM(config.model).to(self.device)
+        self.model = AllAttentionLM(config.model, self.runtime.attn_impl).to(self.device)
         self.optimizer = Optimizer(self.model.parameters(), config.optim)
         batch = train.batch_size
         self.train_streams = Streams(
@@ -227,7 +265,15 @@ class Trainer:
             vocab=self.corpus.vocab,
             meta=meta,
             state=self.state_dict(),
+            run_config=self.config,
         )
+
+
+RESUMABLE_MODEL_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(ModelConfig) if f.metadata["resumable"]
+)
+"""Model fields a resumed run may change: they act in training only. The optimiser, training
+and runtime sections may all change."""
 
 
 def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
@@ -243,10 +289,6 @@ def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
             "cannot change --train.batch_size when resuming exactly (the caches hold "
             f"{saved.train.batch_size} streams); add --train.exact_resume false"
         )
-
-
-def _bpc(loss: float) -> float:
-    return loss / math.log(2)
 
 
 def run(
@@ -269,12 +311,14 @@ def run(
     corpus = load_corpus(config.train.data)
     if config.model.vocab_size != len(corpus.vocab):
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
-        config = config.replace(model=config.model.replace(vocab_size=len(corpus.vocab)))
+        config = adopt_vocabulary(config, corpus.vocab)
     trainer = Trainer(config, corpus, run_dir)
-    metrics_path = run_dir / METRICS
+    metrics = MetricsLog(run_dir)
     if resume:
         saved = checkpoint.load(last)
-        _check_resumable(RunConfig.from_dict(saved.meta["run_config"]), config)
+        if saved.run_config is None:
+            raise CheckpointError(f"{last} is not a checkpoint of a training run")
+        _check_resumable(saved.run_config, config)
         if saved.vocab != corpus.vocab:
             raise CorpusError(
                 f"the vocabulary of {config.train.data or 'the bundled corpus'} "
@@ -282,11 +326,11 @@ def run(
             )
         trainer.model.load_state_dict(saved.weights)
         trainer.load_state_dict(saved.state, exact=config.train.exact_resume)
-        _truncate_metrics(metrics_path, trainer.step)
+        metrics.truncate(trainer.step)
         log.info("resumed %s at step %d", last, trainer.step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
+        metrics.clear()
         for name in (BEST, LAST):
             (run_dir / name).unlink(missing_ok=True)
     atomic_write_bytes(run_dir / CONFIG, config.to_toml().encode())
@@ -298,18 +342,11 @@ def run(
         len(corpus.vocab),
         trainer.device,
     )
-    return _loop(trainer, config, metrics_path, progress)
+    trainer.runtime.log()
+    return _loop(trainer, config, metrics, progress)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (a crash in between)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
-
-
-def _loop(trainer: Trainer, config: RunConfig, metrics_path: Path, progress: bool) -> TrainResult:
+def _loop(trainer: Trainer, config: RunConfig, metrics: MetricsLog, progress: bool) -> TrainResult:
     train = config.train
     tokens_per_step = train.batch_size * train.block_size
     interval_losses: list[float] = []
@@ -335,7 +372,7 @@ def _loop(trainer: Trainer, config: RunConfig, metrics_path: Path, progress: boo
             postfix = {
                 "tok/s": f"{(trainer.step - interval_first_step) * tokens_per_step / elapsed:,.0f}",
                 "loss": f"{loss:.3f}",
-                "bpc": f"{_bpc(loss):.3f}",
+                "bpc": f"{bits(loss):.3f}",
                 "span": f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
             }
             bar.set_postfix(postfix, refresh=False)
@@ -346,33 +383,31 @@ def _loop(trainer: Trainer, config: RunConfig, metrics_path: Path, progress: boo
             record = {
                 "step": trainer.step,
                 "train_loss": train_loss,
-                "train_bpc": _bpc(train_loss),
+                "train_bpc": bits(train_loss),
                 "valid_loss": valid_loss,
-                "valid_bpc": _bpc(valid_loss),
+                "valid_bpc": bits(valid_loss),
                 "lr": stats["lr"],
                 "grad_norm": stats["grad_norm"],
                 **trainer.model.span_stats(),
                 "tokens_per_s": len(interval_losses) * tokens_per_step / elapsed,
                 "elapsed_s": time.perf_counter() - start,
             }
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            metrics.append(record)
             improved = valid_loss < trainer.best_valid_loss
             trainer.best_valid_loss = min(trainer.best_valid_loss, valid_loss)
-            meta = {
-                "step": trainer.step,
-                "valid_loss": valid_loss,
-                "run_config": config.to_dict(),
-                "data": config.train.data,
-            }
+            meta = {"step": trainer.step, "valid_loss": valid_loss}
             trainer.save(LAST, meta)
             if improved:
                 trainer.save(BEST, meta)
-            bar.write(
-                f"step {trainer.step}: train {record['train_bpc']:.3f} bpc, "
-                f"valid {record['valid_bpc']:.3f} bpc, lr {stats['lr']:.3g}, "
-                f"span {record['span_avg']:.0f}/{record['span_max']:.0f}, "
-                f"{record['tokens_per_s']:,.0f} tok/s"
+            log.info(
+                "step %d: train %.3f bpc, valid %.3f bpc, lr %.3g, span %.0f/%.0f, %s tok/s",
+                trainer.step,
+                record["train_bpc"],
+                record["valid_bpc"],
+                stats["lr"],
+                record["span_avg"],
+                record["span_max"],
+                f"{record['tokens_per_s']:,.0f}",
             )
             interval_losses = []
             interval_start, interval_first_step = time.perf_counter(), trainer.step
