@@ -31,7 +31,7 @@ class AdaptiveSpan(nn.Module):
 
     def mask(self, length: int) -> Tensor:
         """Soft mask for distances 1..length, shape (H, length); column i is distance i + 1."""
-        z = self.z
+        z: Tensor = self.z
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()  # S * z needs more than 8 bits of mantissa
         distance_minus_one = torch.arange(length, device=z.device, dtype=z.dtype)

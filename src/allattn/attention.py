@@ -216,7 +216,7 @@ class _ChunkedAttention(torch.autograd.Function):
             # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
             weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, scratch, n_context)
             dv[:, :, keys] += _matmul(scratch, "dkv", weights.transpose(-1, -2), g_out)
-            if mem_val is not None:
+            if dmem_val is not None:
                 dmem_val.baddbmm_(_flat(mem_weights).transpose(-1, -2), _flat(g_out))
             # g - sum_i w_i g_i, written straight into g: context by key in key order, then
             # the persistent slots (for dropout, the keep masks scale g first).
@@ -236,7 +236,7 @@ class _ChunkedAttention(torch.autograd.Function):
                     torch.mul(memory, keep[1], out=g_mem)
                 g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
             g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
-            if renorm:
+            if dmask_rev is not None:  # renorm
                 # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
                 # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
                 # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).

@@ -34,7 +34,6 @@ LAYER_SIZES = {
 }
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions(Settings):
     """Settings every benchmark takes."""
@@ -72,9 +71,7 @@ class TrainStepBench(BenchOptions):
 
     preset: str = setting(DEFAULT_PRESET, "preset name or .toml file")
     steps: int = setting(4, "timed training steps")
-    compare: bool = setting(
-        False, "also time the reference kernel with glibc's default allocator"
-    )
+    compare: bool = setting(False, "also time the reference kernel with glibc's default allocator")
 
     def validate(self) -> None:
         self._require_ints(1, "steps")
@@ -200,7 +197,7 @@ def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
     }
 
 
-def _child(args: list[str], allocator: bool) -> dict[str, Any]:
+def _child(args: list[Any], allocator: bool) -> dict[str, Any]:
     code = (
         "import json, sys; from allattn import bench, runtime; "
         f"runtime.keep_allocations() if {allocator} else None; "
@@ -322,7 +319,7 @@ def generate_case(
         "recompute_tokens_per_s": recompute,
         "speedup": incremental / recompute,
         "window": window,
-        "context": model.layers[0].context_length(),
+        "context": model.context_lengths()[0],
         "parameters": model.num_parameters(),
         "peak_rss_mb": peak_rss_mb(),
     }

@@ -10,7 +10,6 @@ run (`ModelConfig` is `[model]`) has dotted flags, `--model.n_heads`; a command'
 from __future__ import annotations
 
 import dataclasses
-import functools
 import tomllib
 import types
 import typing
@@ -68,6 +67,9 @@ def base_type(hint: Any) -> Any:
     return hint
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 class Settings:
     """Shared behaviour of settings dataclasses: flag names, the choice rule, dict round trip."""
 
@@ -83,7 +85,11 @@ class Settings:
 
     @classmethod
     def hints(cls) -> dict[str, Any]:
-        return _hints(cls)
+        """The resolved type of every field."""
+        if cls not in _HINTS:
+            hints = typing.get_type_hints(cls)
+            _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return _HINTS[cls]
 
     def __post_init__(self) -> None:
         for name, hint in self.hints().items():
@@ -121,12 +127,6 @@ class Settings:
                 isinstance(value, int) and value >= minimum,
                 f"{self.flag(name)} ({value}) must be a {kind} integer",
             )
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True, kw_only=True)

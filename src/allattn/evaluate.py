@@ -140,7 +140,13 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
     _full_blocks(len(ids), batch_size, block_size, config.split)
     chosen = runtime.resolve(runtime_config or RuntimeConfig())
     model = ckpt.build_model(chosen.attn_impl).to(chosen.device)
-    log.info("%s, %s split, %d streams of blocks of %d", checkpoint.describe(ckpt), config.split, batch_size, block_size)
+    log.info(
+        "%s, %s split, %d streams of blocks of %d",
+        checkpoint.describe(ckpt),
+        config.split,
+        batch_size,
+        block_size,
+    )
     chosen.log()
     result = evaluate(
         model,

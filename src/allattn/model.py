@@ -11,6 +11,7 @@ arXiv 1901.02860), trimmed to its learned span (arXiv 1905.07799).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,7 @@ class AllAttentionLayer(nn.Module):
 
     def _sublayers(self, h: Tensor, attn_out: Tensor) -> Tensor:
         h = self.norm1(h + attn_out)
-        if self.ff is not None:
+        if self.ff is not None and self.norm2 is not None:
             h = self.norm2(h + self.ff(h))
         return h
 
@@ -259,18 +260,25 @@ class AllAttentionLM(nn.Module):
         self.emb_dropout = nn.Dropout(config.emb_dropout)
         self.out = nn.Linear(config.d_model, config.vocab_size)  # not tied to tok_emb
 
+    def _layers(self) -> list[AllAttentionLayer]:
+        return cast(list[AllAttentionLayer], list(self.layers))
+
+    def context_lengths(self) -> list[int]:
+        """Context rows each layer keeps before a block (S minus what its span trims)."""
+        return [layer.context_length() for layer in self._layers()]
+
     def set_attn_impl(self, attn_impl: str) -> None:
         """Run the attention with another kernel: "chunked", "reference" or "auto" (chunked, or
         reference for half precision and autocast). Every kernel computes the same function."""
-        for layer in self.layers:
+        for layer in self._layers():
             layer.attn.attn_impl = attn_impl
 
     def init_cache(self, batch_size: int) -> Cache:
         """Zero caches for `batch_size` streams, each of its layer's current cache size."""
-        return [layer.init_cache(batch_size) for layer in self.layers]
+        return [layer.init_cache(batch_size) for layer in self._layers()]
 
     def cache_sizes(self) -> list[int]:
-        return [layer.cache_size() for layer in self.layers]
+        return [layer.cache_size() for layer in self._layers()]
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, cache: Cache | None = None
@@ -282,7 +290,7 @@ class AllAttentionLM(nn.Module):
         self._check_cache(cache, batch)
         h = self.emb_dropout(self.tok_emb(tokens))  # (B, M, d)
         new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
+        for layer, layer_cache in zip(self._layers(), cache, strict=True):
             h, layer_cache = layer(h, layer_cache, self.pos_emb)
             new_cache.append(layer_cache)
         logprobs = self._logprobs(self.emb_dropout(h))  # (B, M, V)
@@ -293,7 +301,7 @@ class AllAttentionLM(nn.Module):
 
     def init_kv_cache(self, batch_size: int) -> list[KVCache]:
         """Key/value caches for inference (`forward_kv`), equivalent to `init_cache`'s."""
-        return [layer.init_kv_cache(batch_size) for layer in self.layers]
+        return [layer.init_kv_cache(batch_size) for layer in self._layers()]
 
     @torch.no_grad()
     def forward_kv(self, tokens: Tensor, kv: list[KVCache]) -> Tensor:
@@ -308,7 +316,7 @@ class AllAttentionLM(nn.Module):
         if len(kv) != len(self.layers):
             raise ValueError(f"cache has {len(kv)} layers, the model {len(self.layers)}")
         h = self.tok_emb(tokens)  # (B, M, d)
-        for layer, layer_kv in zip(self.layers, kv, strict=True):
+        for layer, layer_kv in zip(self._layers(), kv, strict=True):
             h = layer.forward_kv(h, layer_kv, self.pos_emb)
         return self._logprobs(h)
 
@@ -335,7 +343,7 @@ class AllAttentionLM(nn.Module):
                 )
 
     def _spans(self) -> list[AdaptiveSpan]:
-        return [layer.attn.span for layer in self.layers if layer.attn.span is not None]
+        return [layer.attn.span for layer in self._layers() if layer.attn.span is not None]
 
     def span_loss(self) -> Tensor:
         """span_loss_coef * S * mean_h(z_h) summed over layers (a zero tensor without spans)."""

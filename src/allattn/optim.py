@@ -55,8 +55,8 @@ class Optimizer:
         self.updates += 1
         lr = self.lr(self.updates)
         grads = [p.grad for p in self.params if p.grad is not None]
-        norms = [p.grad.norm() if p.grad is not None else p.new_zeros(()) for p in self.params]
-        norms = torch.stack(norms) if norms else torch.zeros(0)
+        each = [p.grad.norm() if p.grad is not None else p.new_zeros(()) for p in self.params]
+        norms = torch.stack(each) if each else torch.zeros(0)
         *param_norms, grad_norm = torch.cat([norms, norms.norm()[None]]).tolist()  # one sync
         clip = self.config.grad_clip
         if self.config.optimizer == "adagrad":

@@ -41,13 +41,9 @@ class ImportFiles(Settings):
 
     section: ClassVar[str] = ""
 
-    original: str = setting(
-        dataclasses.MISSING, "the original checkpoint (.pt)", positional=True
-    )
+    original: str = setting(dataclasses.MISSING, "the original checkpoint (.pt)", positional=True)
     out: str = setting(dataclasses.MISSING, "the allattn checkpoint to write", positional=True)
-    train_txt: str | None = setting(
-        None, "the original's prepared train.txt (gives its token ids)"
-    )
+    train_txt: str | None = setting(None, "the original's prepared train.txt (gives its token ids)")
     vocab: str | None = setting(None, "an allattn vocabulary JSON: the id order wanted")
     level: Literal["auto", "byte", "char", "word"] = setting(
         "auto", "tokens of train.txt: byte (enwik8), char (text8), word; auto guesses"

@@ -17,10 +17,10 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import typing
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -79,7 +79,7 @@ NAMES: tuple[str, ...] = typing.get_args(CorpusName)
 
 
 def fractions(text: str) -> tuple[float, ...]:
-    """"0.9,0.05,0.05" -> (0.9, 0.05, 0.05)."""
+    """ "0.9,0.05,0.05" -> (0.9, 0.05, 0.05)."""
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:

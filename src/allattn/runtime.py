@@ -67,7 +67,7 @@ def choose_attn_impl(requested: str, dtype: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, "asked for"
     if dtype == "bfloat16":
-        return "reference", "auto under bfloat16 autocast, where the chunked kernel's backward would run in bfloat16"
+        return "reference", "auto under bfloat16: the chunked backward would run in bfloat16"
     return "chunked", "auto in float32"
 
 
@@ -87,7 +87,11 @@ class Runtime:
     def log(self) -> None:
         """Say which kernel runs and why (once the command's input is known to be good)."""
         log.info(
-            "attention kernel: %s (%s); %s on %s", self.attn_impl, self.reason, self.dtype, self.device
+            "attention kernel: %s (%s); %s on %s",
+            self.attn_impl,
+            self.reason,
+            self.dtype,
+            self.device,
         )
 
 

@@ -163,7 +163,7 @@ class TrainResult:
 class Trainer:
     """The state of a run: model, optimiser, streams and caches, and the step count."""
 
-    def __init__(self, config: RunConfig, corpus: Corpus, run_dir: Path) -> None:
+    def __init__(self, config: RunConfig, corpus: Corpus, run_dir: Path | None) -> None:
         self.config = config
         self.corpus = corpus
         self.run_dir = run_dir
@@ -259,6 +259,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     def save(self, name: str, meta: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            raise ValueError("this trainer has no run directory to save to")
         checkpoint.save(
             self.run_dir / name,
             self.model,
@@ -324,6 +326,8 @@ def run(
                 f"the vocabulary of {config.train.data or 'the bundled corpus'} "
                 f"differs from the checkpoint's"
             )
+        if saved.state is None:
+            raise CheckpointError(f"{last} holds no training state to resume from")
         trainer.model.load_state_dict(saved.weights)
         trainer.load_state_dict(saved.state, exact=config.train.exact_resume)
         metrics.truncate(trainer.step)
@@ -343,10 +347,12 @@ def run(
         trainer.device,
     )
     trainer.runtime.log()
-    return _loop(trainer, config, metrics, progress)
+    return _loop(trainer, config, metrics, progress, run_dir)
 
 
-def _loop(trainer: Trainer, config: RunConfig, metrics: MetricsLog, progress: bool) -> TrainResult:
+def _loop(
+    trainer: Trainer, config: RunConfig, metrics: MetricsLog, progress: bool, run_dir: Path
+) -> TrainResult:
     train = config.train
     tokens_per_step = train.batch_size * train.block_size
     interval_losses: list[float] = []
@@ -413,5 +419,5 @@ def _loop(trainer: Trainer, config: RunConfig, metrics: MetricsLog, progress: bo
             interval_start, interval_first_step = time.perf_counter(), trainer.step
     bar.close()
     return TrainResult(
-        step=trainer.step, train_loss=train_loss, valid_loss=valid_loss, run_dir=trainer.run_dir
+        step=trainer.step, train_loss=train_loss, valid_loss=valid_loss, run_dir=run_dir
     )
