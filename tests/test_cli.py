@@ -134,3 +134,38 @@ def test_resume_from_the_command_line(tmp_path, capsys):
     assert "trained to step 4" in capsys.readouterr().out
     assert main(["train", "--out", run, "--preset", "tiny", "--resume"]) == 2
     assert "--resume takes the config from the run" in one_line(capsys)
+
+
+def test_quiet_kernel_choice_and_which_checkpoint(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    small = ["--model.n_layers", "1", "--train.eval_interval", "2", "--train.steps", "4"]
+    assert main(["train", "--out", run, *small, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "trained to step 4" in captured.out
+    # The kernel is a run-time choice: it may change at resume, and auto says what it chose.
+    resumed = ["train", "--out", run, "--resume", "--train.steps", "6", "--no-progress"]
+    assert main([*resumed, "--runtime.attn_impl", "reference"]) == 0
+    assert "attention kernel: reference (asked for)" in capsys.readouterr().err
+    for select, name in (("last", "last.safetensors"), ("best", "")):
+        argv = ["eval", "--checkpoint", run, "--split", "valid", "--select", select]
+        assert main([*argv, "--runtime.attn_impl", "auto"]) == 0
+        err = capsys.readouterr().err
+        assert f"checkpoint {run}/{name}" in err and "attention kernel: chunked (auto" in err
+    argv = ["generate", "--checkpoint", run, "--select", "last", "--max-new-tokens", "5"]
+    assert main([*argv, "--seed", "0", "--runtime.attn_impl", "reference"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out) >= 2 and "(step 6, newest)" in captured.err
+
+
+def test_help_lists_every_section_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--model.n_persistent",
+        "--optim.lr",
+        "--train.eval_batch_size",
+        "--runtime.dtype",
+    ):
+        assert flag in out
+    assert "{auto,chunked,reference}" in out

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -37,8 +37,6 @@ LAYER_SIZES = {
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions(Settings):
     """Settings every benchmark takes."""
-
-    section: ClassVar[str] = ""
 
     default_allocator: bool = setting(
         False, "leave glibc's allocator settings alone (the CLI otherwise keeps freed memory)"

@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, NoReturn
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -52,8 +52,6 @@ class _Parser(argparse.ArgumentParser):
 @dataclass(frozen=True, kw_only=True)
 class Common(Settings):
     """Settings of every subcommand."""
-
-    section: ClassVar[str] = ""
 
     quiet: bool = setting(False, "no progress bar and no log lines (errors still print)")
 
@@ -125,8 +123,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class _EvalOutput(Settings):
-    section: ClassVar[str] = ""
-
     json: bool = setting(False, "print one JSON object")
 
 
@@ -201,8 +197,6 @@ def _run_import_original(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class _InfoOptions(Settings):
-    section: ClassVar[str] = ""
-
     checkpoint: str = setting(dataclasses.MISSING, "checkpoint file", positional=True)
     json: bool = setting(False, "print one JSON object")
 

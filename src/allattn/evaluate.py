@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,8 +32,6 @@ Split = Literal["train", "valid", "test"]
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(Settings):
     """What `allattn eval` scores: which checkpoint, on which split, in how many streams."""
-
-    section: ClassVar[str] = ""
 
     checkpoint: str = setting(dataclasses.MISSING, "checkpoint file or run directory")
     select: CheckpointChoice = setting(

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -37,8 +36,6 @@ PROMPT_BLOCK = 256
 @dataclass(frozen=True)
 class Sampling(Settings):
     """How the next token is drawn from the model's distribution."""
-
-    section: ClassVar[str] = ""
 
     temperature: float = setting(
         1.0, "divides the log-probabilities; 0 always takes the likeliest token (greedy)"
@@ -60,8 +57,6 @@ class Sampling(Settings):
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig(Settings):
     """What `allattn generate` continues, from which checkpoint, and how much."""
-
-    section: ClassVar[str] = ""
 
     checkpoint: str = setting(dataclasses.MISSING, "checkpoint file or run directory")
     select: CheckpointChoice = setting(

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,8 +39,6 @@ class OriginalFormatError(ValueError):
 class ImportFiles(Settings):
     """What `allattn import-original` reads and writes."""
 
-    section: ClassVar[str] = ""
-
     original: str = setting(dataclasses.MISSING, "the original checkpoint (.pt)", positional=True)
     out: str = setting(dataclasses.MISSING, "the allattn checkpoint to write", positional=True)
     train_txt: str | None = setting(None, "the original's prepared train.txt (gives its token ids)")
@@ -54,8 +52,6 @@ class ImportFiles(Settings):
 @dataclass(frozen=True, kw_only=True)
 class ImportOptions(Settings):
     """Settings a checkpoint of the original code does not record (the original's defaults)."""
-
-    section: ClassVar[str] = ""
 
     dropout: float = setting(0.2, "attention dropout")
     emb_dropout: float = setting(0.0, "embedding dropout")

@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -89,8 +89,6 @@ def fractions(text: str) -> tuple[float, ...]:
 @dataclass(frozen=True, kw_only=True)
 class PrepareOptions(Settings):
     """What `allattn prepare` reads and writes."""
-
-    section: ClassVar[str] = ""
 
     name: CorpusName = setting("tiny-shakespeare", "the corpus", positional=True)
     source: str | None = setting(

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,8 +65,6 @@ __all__ = [
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions(Settings):
     """What `allattn train` starts from and where it writes; the run itself is a `RunConfig`."""
-
-    section: ClassVar[str] = ""
 
     preset: str | None = setting(None, f"preset name or .toml file (default: {DEFAULT_PRESET})")
     data: str | None = setting(None, "prepared data directory (same as --train.data)")
