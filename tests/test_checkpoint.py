@@ -105,3 +105,30 @@ def test_training_state_round_trip(tmp_path):
     with pytest.raises(TypeError, match="cannot store a object"):
         checkpoint.save(path, model, state={"x": object()})
     assert checkpoint.load(path).state["pos"] == 17  # the failed save left the file alone
+
+
+def test_checkpoints_written_before_the_runtime_section_still_load(tmp_path):
+    """Before 0.2 the run config sat in `meta`, with the kernel in [model] and the device and
+    precision in [train]; such files load with those fields in [runtime]."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from allattn.config import RunConfig
+
+    path = tmp_path / "old.safetensors"
+    run = RunConfig().to_dict()
+    runtime = run.pop("runtime")
+    run["model"]["attn_impl"] = "reference"
+    run["train"] |= {"device": "cpu", "dtype": runtime["dtype"]}
+    checkpoint.save(path, AllAttentionLM(CFG), meta={"step": 3})
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    metadata["config"] = json.dumps({**json.loads(metadata["config"]), "attn_impl": "auto"})
+    metadata["meta"] = json.dumps({"step": 3, "run_config": run})
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    ckpt = checkpoint.load(path)
+    assert ckpt.meta == {"step": 3} and ckpt.config == CFG
+    assert ckpt.run_config is not None and ckpt.run_config.runtime.attn_impl == "reference"
+    assert ckpt.run_config.runtime.device == "cpu"
+    assert checkpoint.load_run_config(path) == ckpt.run_config

@@ -332,15 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_log_handler: logging.Handler | None = None
+
+
 def _configure_logging(quiet: bool) -> None:
-    """The library logs through `logging`; the CLI shows INFO and above on stderr."""
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    """The library logs through `logging` (loggers `allattn.*`); the CLI shows INFO and above
+    on stderr, or only warnings with --quiet. Other loggers are left alone."""
+    global _log_handler
+    logger = logging.getLogger("allattn")
+    if _log_handler is not None:
+        logger.removeHandler(_log_handler)
+    _log_handler = logging.StreamHandler(sys.stderr)  # the current stderr (tests swap it)
+    _log_handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_log_handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = build_parser().parse_known_args(argv)
         _configure_logging(args.quiet)
         flags.reject_extra(extra, args.sections)
-        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        with logging_redirect_tqdm([logging.getLogger("allattn")]):  # lines above the bar
             return args.handler(args)
     except (UsageError, ValueError, OSError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
