@@ -97,7 +97,7 @@ class PrepareOptions(Settings):
     out: str | None = setting(None, "data directory to write (default: data/NAME)")
     split: tuple[float, ...] = setting(
         DEFAULT_SPLIT,
-        "train,valid,test fractions of text corpora (default 0.9,0.05,0.05)",
+        "train,valid,test fractions of text corpora",
         parse=fractions,
         metavar="TRAIN,VALID,TEST",
     )
