@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_PRESET, ConfigError, RunConfig, Settings, setting
+from .config import DEFAULT_PRESET, AttnImpl, ConfigError, RunConfig, Settings, setting
 
 LAYER_SIZES = {
     # name: (B, M, S, H, D, N, z) with z the span parameter of every head
@@ -57,9 +58,10 @@ class LayerBench(BenchOptions):
         unknown = [s for s in self.sizes.split(",") if s not in LAYER_SIZES]
         if unknown:
             raise ConfigError(f"unknown size {unknown[0]!r}; choose from {', '.join(LAYER_SIZES)}")
-        bad = [i for i in self.impls.split(",") if i not in ("auto", "chunked", "reference")]
+        kernels = typing.get_args(AttnImpl)
+        bad = [i for i in self.impls.split(",") if i not in kernels]
         if bad:
-            raise ConfigError(f"unknown kernel {bad[0]!r}; choose from chunked, reference, auto")
+            raise ConfigError(f"unknown kernel {bad[0]!r}; choose from {', '.join(kernels)}")
         self._require_ints(1, "repeats")
 
 

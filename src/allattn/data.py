@@ -19,21 +19,24 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 EOS = "<eos>"
-LEVELS = ("byte", "char", "word")
+Level = Literal["byte", "char", "word"]
+LEVELS: tuple[str, ...] = typing.get_args(Level)
 BUNDLED_CORPUS = "tinyshakespeare.txt.gz"
 BUNDLED_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SPLITS = ("train", "valid", "test")
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[str, ...] = typing.get_args(Split)
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
 

@@ -13,20 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from . import checkpoint, runtime
 from .config import CheckpointChoice, RuntimeConfig, Settings, TrainConfig, setting
-from .data import Corpus, CorpusError, batchify, full_blocks, load_corpus
+from .data import Corpus, CorpusError, Split, batchify, full_blocks, load_corpus
 from .metrics import bits, perplexity
 from .model import AllAttentionLM
 
 log = logging.getLogger(__name__)
-
-Split = Literal["train", "valid", "test"]
 
 
 @dataclass(frozen=True, kw_only=True)

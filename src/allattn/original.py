@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig, Settings, setting
-from .data import EOS, Vocabulary, VocabularyError
+from .data import EOS, Level, Vocabulary, VocabularyError
 
 WRAPPER_PREFIX = "module."
 SPAN = "attn.attn.adaptive_span._mask"
@@ -43,7 +43,7 @@ class ImportFiles(Settings):
     out: str = setting(dataclasses.MISSING, "the allattn checkpoint to write", positional=True)
     train_txt: str | None = setting(None, "the original's prepared train.txt (gives its token ids)")
     vocab: str | None = setting(None, "an allattn vocabulary JSON: the id order wanted")
-    level: Literal["auto", "byte", "char", "word"] = setting(
+    level: Literal["auto", Level] = setting(
         "auto", "tokens of train.txt: byte (enwik8), char (text8), word; auto guesses"
     )
     force: bool = setting(False, "replace OUT if it exists")
