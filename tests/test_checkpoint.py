@@ -126,6 +126,8 @@ def test_checkpoints_written_before_the_runtime_section_still_load(tmp_path):
         metadata = f.metadata()
     metadata["config"] = json.dumps({**json.loads(metadata["config"]), "attn_impl": "auto"})
     metadata["meta"] = json.dumps({"step": 3, "run_config": run})
+    metadata["version"] = "1"  # version 1 files had no checksum
+    del metadata["checksum"]
     save_file(load_file(str(path)), str(path), metadata=metadata)
     ckpt = checkpoint.load(path)
     assert ckpt.meta == {"step": 3} and ckpt.config == CFG

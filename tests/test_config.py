@@ -20,7 +20,7 @@ from allattn import ConfigError, ModelConfig
         (dict(dropout=1.0), r"--model.dropout \(1.0\) must be in \[0, 1\)"),
         (dict(span_ramp=0), r"--model.span_ramp \(0\) must be a positive integer"),
         (dict(renorm_eps=-1.0), r"--model.renorm_eps"),
-        (dict(attn_span=2.5), r"--model.attn_span \(2.5\) must be a positive integer"),
+        (dict(attn_span=2.5), r"--model.attn_span must be an integer, not 2.5"),
     ],
 )
 def test_impossible_values_are_rejected(changes, message):

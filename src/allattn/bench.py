@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
+from . import atomic
 from .config import DEFAULT_PRESET, AttnImpl, ConfigError, RunConfig, Settings, setting
+from .train import require_memory
+
+
+class BenchError(ValueError):
+    """A benchmark case failed in its process (the message is its last error line)."""
 
 LAYER_SIZES = {
     # name: (B, M, S, H, D, N, z) with z the span parameter of every head
@@ -97,7 +103,7 @@ class Report:
     payload: dict[str, Any]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.payload, indent=2) + "\n")
+        atomic.write_bytes(path, (json.dumps(self.payload, indent=2) + "\n").encode())
 
 
 def peak_rss_mb() -> float:
@@ -210,7 +216,8 @@ def _child(args: list[Any], allocator: bool) -> dict[str, Any]:
         check=False,
     )
     if out.returncode:
-        raise RuntimeError(f"benchmark case {args} failed: {out.stderr.strip().splitlines()[-1]}")
+        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+        raise BenchError(f"benchmark case {args[0]} failed: {lines[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -364,6 +371,7 @@ def _describe(preset: str, overrides: list[str]) -> str:
 def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str]) -> Report:
     """Whole training steps of `config` (the preset with `overrides`, as given), and with
     `compare` the reference kernel with glibc's default allocator."""
+    require_memory(config)
     allocator = not options.default_allocator
     shipped = _child(["train_step_case", config.to_dict(), options.steps], allocator)
     payload = {
@@ -391,6 +399,7 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
 
 def generate(options: GenerateBench, config: RunConfig, overrides: list[str]) -> Report:
     """Generated tokens/s of `config`'s model, incremental against window recomputation."""
+    require_memory(config)
     allocator = not options.default_allocator
     result = _child(
         ["generate_case", config.to_dict(), options.new_tokens, options.recompute_tokens],

@@ -33,6 +33,7 @@ from .config import (
 )
 from .metrics import bits
 from .original import ImportFiles, ImportOptions, import_original
+from .signals import Interrupted
 
 RUN_SECTIONS = (ModelConfig, OptimConfig, TrainConfig, RuntimeConfig)
 
@@ -95,6 +96,8 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=options.resume,
         overwrite=options.force,
         progress=options.progress and not args.quiet,
+        fallback=options.fallback,
+        verify=options.verify,
     )
     print(
         f"trained to step {result.step}: last validation {bits(result.valid_loss):.3f} "
@@ -199,11 +202,12 @@ def _run_import_original(args: argparse.Namespace) -> int:
 class _InfoOptions(Settings):
     checkpoint: str = setting(dataclasses.MISSING, "checkpoint file", positional=True)
     json: bool = setting(False, "print one JSON object")
+    verify: bool = setting(True, "check the checkpoint's checksum")
 
 
 def _run_info(args: argparse.Namespace) -> int:
     options = flags.settings(_InfoOptions, args)
-    info = checkpoint.info(options.checkpoint)
+    info = checkpoint.info(options.checkpoint, options.verify)
     print(json.dumps(info) if options.json else checkpoint.format_info(info))
     return 0
 
@@ -357,12 +361,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.reject_extra(extra, args.sections)
         with logging_redirect_tqdm([logging.getLogger("allattn")]):  # lines above the bar
             return args.handler(args)
-    except (UsageError, ValueError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        if not isinstance(error, UsageError):
-            message = f"allattn: error: {message}"
-        print(message, file=sys.stderr)
+    except (UsageError, ValueError, OSError, MemoryError) as error:
+        print(_one_line(error), file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"allattn: {stop.message}", file=sys.stderr)
+        return stop.status
     except KeyboardInterrupt:
         print("allattn: interrupted", file=sys.stderr)
         return 130
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line: its first line, without terminal escape codes."""
+    text = _ESCAPES.sub("", str(error)).strip()
+    if isinstance(error, MemoryError):
+        text = "out of memory" + (f" ({text})" if text else "")
+    message = text.splitlines()[0].strip() if text else type(error).__name__
+    return message if isinstance(error, UsageError) else f"allattn: error: {message}"

@@ -10,6 +10,8 @@ run (`ModelConfig` is `[model]`) has dotted flags, `--model.n_heads`; a command'
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -67,6 +69,15 @@ def base_type(hint: Any) -> Any:
     return hint
 
 
+def _optional(hint: Any) -> bool:
+    """Whether `hint` admits None (`X | None`)."""
+    return (
+        isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    ) and type(None) in typing.get_args(hint)
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Integer settings fit in 64 bits (what torch takes)."""
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -93,6 +104,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name, hint in self.hints().items():
+            self._check_type(name, hint)
             options = choices(hint)
             value = getattr(self, name)
             if options is not None and value is not None:
@@ -102,8 +114,35 @@ class Settings:
                 )
         self.validate()
 
+    def _check_type(self, name: str, hint: Any) -> None:
+        """The value has the field's type (as a preset or checkpoint might not): bools are
+        bools, ints 64-bit ints, floats finite numbers (ints become floats), strings strings."""
+        value = getattr(self, name)
+        if value is None and _optional(hint):
+            return
+        kind = base_type(hint)
+        flag = self.flag(name)
+        if kind is bool:
+            _require(isinstance(value, bool), f"{flag} must be true or false, not {value!r}")
+        elif kind is int:
+            _require(
+                isinstance(value, int) and not isinstance(value, bool),
+                f"{flag} must be an integer, not {value!r}",
+            )
+            _require(INT_MIN <= value <= INT_MAX, f"{flag} ({value}) is out of range")
+        elif kind is float:
+            _require(
+                isinstance(value, int | float) and not isinstance(value, bool),
+                f"{flag} must be a number, not {value!r}",
+            )
+            _require(math.isfinite(value), f"{flag} ({value}) must be a finite number")
+            object.__setattr__(self, name, float(value))
+        elif kind is str:
+            _require(isinstance(value, str), f"{flag} must be a string, not {value!r}")
+
     def validate(self) -> None:
-        """Checks beyond the choices of `Literal` fields (overridden by the sections)."""
+        """Checks beyond the types and the choices of `Literal` fields (overridden by the
+        sections)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -269,6 +308,7 @@ class TrainConfig(Settings):
             f"({self.batch_size})",
         )
         self._require_ints(1, "eval_batch_size")
+        self._require_ints(0, "seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,7 +330,7 @@ class RuntimeConfig(Settings):
 
     def validate(self) -> None:
         _require(
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device) is not None,
             f"--runtime.device ({self.device}) must be auto, cpu, cuda or cuda:N",
         )
 

@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import atomic
 
 EOS = "<eos>"
 Level = Literal["byte", "char", "word"]
@@ -142,20 +143,23 @@ class Corpus:
     meta: dict[str, Any]
 
     def save(self, out: str | Path, overwrite: bool = False) -> None:
-        """Write the corpus directory; it appears complete or not at all."""
+        """Write the corpus directory; it appears complete or not at all, and an old one it
+        replaces stays complete until the new one takes its place (`atomic.replace_dir`)."""
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise CorpusError(f"{out} exists and is not a directory")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise CorpusError(f"{out} exists and is not empty; pass --force to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = atomic.make_temporary_dir(out)
         try:
             self.vocab.save(tmp / "vocab.json")
             for name, ids in self.splits.items():
                 np.save(tmp / f"{name}.npy", ids)
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            for path in tmp.iterdir():
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+            atomic.replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -270,6 +274,11 @@ def build_corpus(
     """
     values, first = np.unique(units["train"], return_index=True)
     order = values[np.argsort(first, kind="stable")]  # units by first appearance
+    for name in SPLITS:
+        if len(units[name]) < 2:
+            raise CorpusError(
+                f"the {name} split would hold {len(units[name])} tokens; the text is too short"
+            )
     vocab = Vocabulary(tuple(token_of(int(u)) for u in order), level)
     id_of_sorted = np.empty(len(values), dtype=np.int64)
     id_of_sorted[np.searchsorted(values, order)] = np.arange(len(order))

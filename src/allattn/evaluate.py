@@ -42,6 +42,7 @@ class EvalConfig(Settings):
         None, "parallel streams (default: the run's --train.eval_batch_size, 8 as the original)"
     )
     block_size: int | None = setting(None, "tokens per block (default: the run's block size)")
+    verify: bool = setting(True, "check the checkpoint's checksum")
 
     def validate(self) -> None:
         for name in ("batch_size", "block_size"):
@@ -111,7 +112,7 @@ def evaluate(
 
 def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> EvalResult:
     """Evaluate a checkpoint on a split of its data (or of `config.data`)."""
-    ckpt = checkpoint.load(config.checkpoint, config.select)
+    ckpt = checkpoint.load(config.checkpoint, config.select, config.verify)
     run = ckpt.run_config
     data = config.data
     if data is None:

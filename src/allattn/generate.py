@@ -67,19 +67,27 @@ class GenerateConfig(Settings):
     max_new_tokens: int = setting(500, "tokens to generate")
     seed: int | None = setting(None, "same seed, same text on the same machine (default: random)")
     echo: bool = setting(True, "print the prompt before its continuation")
+    verify: bool = setting(True, "check the checkpoint's checksum")
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens ({self.max_new_tokens}) is negative")
         if self.prompt and self.prompt_file is not None:
             raise ConfigError("--prompt and --prompt-file exclude each other")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"--seed ({self.seed}) is negative")
 
     def read_prompt(self) -> str:
         """The prompt text: `prompt`, or the contents of `prompt_file`."""
         if self.prompt_file is None:
             return self.prompt
+        path = Path(self.prompt_file)
+        if not path.exists():
+            raise ConfigError(f"prompt file {path}: No such file or directory")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"prompt file {path} is not a regular file")
         try:
-            return Path(self.prompt_file).read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{self.prompt_file} is not UTF-8 text") from None
 
@@ -257,7 +265,11 @@ def run(
     if chosen.dtype != "float32":
         raise ConfigError("generation runs in float32; --runtime.dtype is for train and eval")
     model, ckpt = checkpoint.load_model(
-        config.checkpoint, chosen.device, select=config.select, attn_impl=chosen.attn_impl
+        config.checkpoint,
+        chosen.device,
+        select=config.select,
+        attn_impl=chosen.attn_impl,
+        verify=config.verify,
     )
     if ckpt.vocab is None:
         raise checkpoint.CheckpointError(f"{config.checkpoint}: the checkpoint has no vocabulary")

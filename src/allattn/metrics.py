@@ -2,7 +2,10 @@
 
 Losses are mean negative log-likelihoods in nats. Character- and byte-level results are
 reported in bits per character (nats / ln 2), word-level ones as perplexity (exp nats).
-A run directory's `metrics.jsonl` holds one JSON object per validation, in step order.
+A run directory's `metrics.jsonl` holds one JSON object per validation, in step order. It is
+appended before the checkpoint of the same step is written, so a run killed in between holds a
+record (possibly torn: a last line without its newline) beyond its checkpoint; `truncate`, run
+on resume, drops it, and the resumed run writes it again.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+from . import atomic
 
 METRICS = "metrics.jsonl"
 """The metrics log of a run directory."""
@@ -28,6 +31,10 @@ def perplexity(nats: float) -> float:
     return math.exp(nats) if nats < 700 else math.inf
 
 
+class MetricsError(ValueError):
+    """`metrics.jsonl` is malformed."""
+
+
 class MetricsLog:
     """`metrics.jsonl` of a run directory: appended at every validation, read back in order."""
 
@@ -35,21 +42,47 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise atomic.WriteError(
+                error.errno, f"cannot write {self.path}: {error.strerror or error}"
+            ) from None
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, torn_ok: bool = False) -> list[dict[str, Any]]:
+        """The records in order; `torn_ok`: ignore a last line cut short by a crash."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise MetricsError(f"{self.path}: unreadable ({error})") from None
+        lines = text.split("\n")
+        complete, last = lines[:-1], lines[-1]  # `last` is "" unless the final line is torn
+        records = []
+        for number, line in enumerate(complete, 1):
+            records.append(self._parse(line, number))
+        if last and not torn_ok:
+            records.append(self._parse(last, len(lines)))
+        return records
+
+    def _parse(self, line: str, number: int) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise MetricsError(f"{self.path}: line {number} is not a metrics record")
+        return record
 
     def truncate(self, step: int) -> None:
-        """Drop records written after `step` (a crash between a validation and its
-        checkpoint), so a resumed run's log reads as if it had never stopped."""
+        """Keep only the records up to `step`: a crash between a validation and its checkpoint
+        (or inside the append) leaves one beyond it, which the resumed run writes again."""
         if not self.path.exists():
             return
-        kept = [r for r in self.records() if r["step"] <= step]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        kept = [r for r in self.records(torn_ok=True) if r["step"] <= step]
+        atomic.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

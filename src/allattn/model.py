@@ -10,6 +10,8 @@ arXiv 1901.02860), trimmed to its learned span (arXiv 1905.07799).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -372,3 +374,39 @@ class AllAttentionLM(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (each span parameter counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """The parameters `AllAttentionLM(config)` has, from the config alone (no model is built,
+    so absurd sizes are refused before any memory is taken)."""
+    d, v, n, inner = config.d_model, config.vocab_size, config.n_persistent, config.d_inner
+    layer = 4 * d * d + 2 * d  # projections, norm1
+    layer += config.n_heads if config.adapt_span else 0  # span parameters z
+    layer += 2 * d * n  # persistent keys and values: H * D * N each
+    layer += 2 * d * inner + inner + d + 2 * d if inner else 0  # FF and norm2
+    return v * d + config.attn_span * config.head_dim + config.n_layers * layer + d * v + v
+
+
+_UNINITIALISED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """nn.Linear, nn.Embedding and nn.LayerNorm allocate their weights but skip initialising
+    them (the weights are about to be replaced)."""
+    saved = [cls.reset_parameters for cls in _UNINITIALISED]
+    try:
+        for cls in _UNINITIALISED:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, method in zip(_UNINITIALISED, saved, strict=True):
+            cls.reset_parameters = method  # type: ignore[method-assign]
+
+
+def skeleton(config: ModelConfig, attn_impl: str = "auto") -> AllAttentionLM:
+    """`AllAttentionLM(config)` on the CPU without the random initialisation of its linear,
+    embedding and norm weights: the shapes for weights about to be loaded. (Not the meta
+    device: its Python kernels import the whole compiler stack, seconds at start-up.)"""
+    with _no_init():
+        return AllAttentionLM(config, attn_impl)

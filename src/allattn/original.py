@@ -101,7 +101,19 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and torch errors alike
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise OriginalFormatError(
+                f"{path}: cannot be read as an original checkpoint: it pickles "
+                f"{found.group(1)}, not only tensors and plain containers (refused: allattn "
+                "never runs code from a checkpoint)"
+            ) from None
+        if "Weights only load failed" in text:  # torch's advice; the cause is further down
+            cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            reason = cause.group(1).strip() if cause else "not a torch checkpoint"
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         raise OriginalFormatError(
             f"{path}: cannot be read as an original checkpoint ({reason})"
         ) from None

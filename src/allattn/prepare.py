@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import __version__
+from . import __version__, atomic, lock
 from .config import Settings, setting
 from .data import (
     BUNDLED_SHA256,
@@ -119,6 +119,12 @@ def run(options: PrepareOptions) -> Corpus:
         verify=options.verify,
         overwrite=options.force,
     )
+
+
+def _lock_file(out: Path) -> Path:
+    """The lock of a corpus directory being written: beside it (it is replaced whole)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent / f".{out.name}.lock"
 
 
 class PrepareError(ValueError):
@@ -229,8 +235,23 @@ def prepare(
     if name not in NAMES:
         raise PrepareError(f"unknown corpus {name!r}; choose from {', '.join(NAMES)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PrepareError(f"{out} exists and is not empty; pass --force to replace it")
+    with lock.hold_file(_lock_file(out), f"corpus directory {out}"):
+        atomic.recover_dir(out)  # an earlier prepare killed while replacing `out`
+        corpus = _build(name, out, source, split, verify)
+        try:
+            corpus.save(out, overwrite=overwrite)
+        except CorpusError as error:
+            raise PrepareError(str(error)) from None
+    return corpus
+
+
+def _build(
+    name: str, out: Path, source: str | None, split: Sequence[float], verify: bool
+) -> Corpus:
     meta: dict[str, Any] = {"name": name, "allattn_version": __version__}
     if name == "tiny-shakespeare" and source is None:
         meta |= {"source": "bundled", "source_sha256": BUNDLED_SHA256}
@@ -256,8 +277,4 @@ def prepare(
         meta |= archive_meta | {"split": list(DEFAULT_SPLIT)}
         corpus = enwik8_corpus(data, meta) if name == "enwik8" else text8_corpus(data, meta)
     corpus.meta["name"] = name
-    try:
-        corpus.save(out, overwrite=overwrite)
-    except CorpusError as error:
-        raise PrepareError(str(error)) from None
     return corpus

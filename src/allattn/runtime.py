@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -51,6 +52,27 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--runtime.device {name}: CUDA is not available")
     return torch.device(name)
+
+
+def memory_of(device: torch.device) -> int | None:
+    """Bytes of memory `device` has (None: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: int, device_name: str, what: str = "the run") -> None:
+    """Refuse work that needs more than the device's memory before allocating any of it."""
+    device = resolve_device(device_name)
+    total = memory_of(device)
+    if total is not None and nbytes > total:
+        raise ConfigError(
+            f"{what} needs at least {nbytes / 2**30:,.1f} GiB (weights, gradients, optimiser "
+            f"state, caches); {device} has {total / 2**30:,.1f} GiB"
+        )
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:

@@ -8,6 +8,14 @@ tenth as many blocks of the validation split (its own streams and cache, carried
 validations), logs, and writes `last.safetensors` (and `best.safetensors` when the validation
 loss improved). Checkpoints hold the positions, caches, RNG states and optimiser state, so a
 resumed run continues bit for bit as if it had never stopped.
+
+Faults (README "Reliability"): a run holds its directory's lock; at a validation it appends to
+`metrics.jsonl`, writes `last` and then copies it to `best` if the loss improved, each write
+atomic, so a process killed at any instant leaves a state `--resume` continues exactly (the
+record beyond `last` is dropped and written again; a `best` not yet copied is copied from
+`last`, whose metadata records the best step). SIGINT/SIGTERM finish the step, save it to `last`
+and stop. A non-finite loss or weight stops the run at the step it appears, before any file is
+written.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +34,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import checkpoint, runtime
-from .checkpoint import BEST, LAST, CheckpointError, atomic_write_bytes
+from . import atomic, checkpoint, lock, runtime, signals
+from .checkpoint import BEST, LAST, CheckpointError
 from .config import (
     DEFAULT_PRESET,
     ConfigError,
@@ -38,7 +47,7 @@ from .config import (
 )
 from .data import Corpus, CorpusError, Streams, Vocabulary, load_corpus
 from .metrics import METRICS, MetricsLog, bits
-from .model import AllAttentionLM, Cache
+from .model import AllAttentionLM, Cache, parameter_count
 from .optim import Optimizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,10 @@ class TrainOptions(Settings):
     data: str | None = setting(None, "prepared data directory (same as --train.data)")
     out: str | None = setting(None, "run directory (default: runs/PRESET)")
     resume: bool = setting(False, "continue the run in --out (its config, with the overrides)")
+    fallback: bool = setting(
+        False, "with --resume: if last.safetensors fails its checks, resume from best"
+    )
+    verify: bool = setting(True, "check the checksum of the checkpoint resumed from")
     force: bool = setting(False, "restart a run directory from scratch")
     print_config: bool = setting(False, "show the resolved config and parameter count, then stop")
     progress: bool = setting(True, "show a progress bar")
@@ -81,16 +94,25 @@ def resolve_config(options: TrainOptions, overrides: dict[str, str]) -> tuple[Ru
     assignments = dict(overrides)
     if options.data is not None:
         assignments["train.data"] = options.data
+    if options.fallback and not options.resume:
+        raise ConfigError("--fallback only applies with --resume")
     if options.resume:
         if options.preset:
             raise ConfigError("--resume takes the config from the run, not from --preset")
+        if options.force:
+            raise ConfigError("--resume continues the run, --force restarts it: pass one")
         if not options.out:
             raise ConfigError("--resume needs --out RUN_DIR")
         run_dir = Path(options.out)
         last = run_dir / LAST
         if not last.exists():
             raise CheckpointError(f"nothing to resume: {last} does not exist")
-        saved = checkpoint.load_run_config(last)  # the header only: no tensors
+        try:
+            saved = checkpoint.load_run_config(last)  # the header only: no tensors
+        except CheckpointError:
+            if not options.fallback or not (run_dir / BEST).is_file():
+                raise
+            saved = checkpoint.load_run_config(run_dir / BEST)
         if saved is None:
             raise ConfigError(f"{run_dir} is not a training run")
         base = saved
@@ -115,11 +137,10 @@ def describe(config: RunConfig) -> str:
     if not data or Path(data).is_dir():
         config = adopt_vocabulary(config, load_corpus(data).vocab)
     model = config.model
-    with torch.device("meta"):
-        n_params = AllAttentionLM(model).num_parameters()
     return (
         f"{config.to_toml()}\n"
-        f"# {model.kind} model: {n_params:,} parameters (vocab_size {model.vocab_size})"
+        f"# {model.kind} model: {parameter_count(model):,} parameters "
+        f"(vocab_size {model.vocab_size})"
     )
 
 
@@ -187,6 +208,10 @@ class Trainer:
         )
         self.step = 0
         self.best_valid_loss = math.inf
+        self.best_step: int | None = None
+        self.interval_loss = 0.0
+        """Sum of the training losses since the last validation (their mean is logged)."""
+        self.interval_steps = 0
 
     # -- one step and one validation ---------------------------------------------------------
     def _next_block(self, streams: Streams, cache: Cache, backward: bool) -> tuple[float, Cache]:
@@ -208,13 +233,31 @@ class Trainer:
         return loss, cache
 
     def train_step(self) -> tuple[float, dict[str, float]]:
+        """One update; `NonFiniteError` (the trainer is then unusable) if the loss, the gradient
+        or a weight stops being finite."""
         self.model.train()
+        step = self.step + 1
         loss, self.train_cache = self._next_block(self.train_streams, self.train_cache, True)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"the training loss is {loss} at step {step}")
         stats = self.optimizer.step()
         self.optimizer.zero_grad()
+        if not math.isfinite(stats["grad_norm"]):
+            raise NonFiniteError(f"the gradient norm is {stats['grad_norm']} at step {step}")
+        bad = self.nonfinite_weight()
+        if bad is not None:
+            raise NonFiniteError(f"weight {bad} became NaN or infinite at step {step}")
         self.model.clamp_spans()
-        self.step += 1
+        self.step = step
+        self.interval_loss += loss
+        self.interval_steps += 1
         return loss, stats
+
+    def nonfinite_weight(self) -> str | None:
+        """The name of a weight holding NaN or infinity, if any (one synchronisation)."""
+        names, params = zip(*self.model.named_parameters(), strict=True)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()
+        return next((name for name, ok in zip(names, finite, strict=True) if not ok), None)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -224,7 +267,16 @@ class Trainer:
         for _ in range(self.valid_blocks):
             loss, self.valid_cache = self._next_block(self.valid_streams, self.valid_cache, False)
             total += loss
-        return total / self.valid_blocks
+        valid_loss = total / self.valid_blocks
+        if not math.isfinite(valid_loss):
+            raise NonFiniteError(f"the validation loss is {valid_loss} at step {self.step}")
+        return valid_loss
+
+    def end_interval(self) -> float:
+        """The mean training loss since the last validation; starts the next interval."""
+        mean = self.interval_loss / max(1, self.interval_steps)
+        self.interval_loss, self.interval_steps = 0.0, 0
+        return mean
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -234,6 +286,9 @@ class Trainer:
         return {
             "step": self.step,
             "best_valid_loss": self.best_valid_loss,
+            "best_step": self.best_step,
+            "interval_loss": self.interval_loss,
+            "interval_steps": self.interval_steps,
             "optimizer": self.optimizer.state_dict(),
             "train_streams": self.train_streams.state_dict(),
             "valid_streams": self.valid_streams.state_dict(),
@@ -243,9 +298,27 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], exact: bool) -> None:
-        self.step = int(state["step"])
-        self.best_valid_loss = float(state["best_valid_loss"])
+        """Restore a `state_dict`; `ValueError` (and nothing changed in the streams and caches)
+        if it does not fit this run."""
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step {step!r}")
+        best_step = state.get("best_step")  # absent before 0.2
+        if best_step is not None and not (isinstance(best_step, int) and 0 < best_step <= step):
+            raise ValueError(f"best step {best_step!r}")
+        if exact:
+            for name, streams in (("train", self.train_streams), ("valid", self.valid_streams)):
+                pos = state[f"{name}_streams"]["pos"]
+                if not isinstance(pos, int) or not 0 <= pos < streams.tokens.shape[1]:
+                    raise ValueError(f"{name} stream position {pos!r}")
+            for name in ("train_cache", "valid_cache"):
+                self._check_cache(name, state[name])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.step = step
+        self.best_valid_loss = float(state["best_valid_loss"])
+        self.best_step = best_step
+        self.interval_loss = float(state.get("interval_loss", 0.0))
+        self.interval_steps = int(state.get("interval_steps", 0))
         if not exact:  # the original: data from position 0, zero caches
             return
         self.train_streams.load_state_dict(state["train_streams"])
@@ -256,9 +329,36 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
+    def _check_cache(self, name: str, cache: Any) -> None:
+        """One (B, C, d) tensor per layer, C at most the layer's span (caches shrink and grow
+        with the learned spans, so C itself is free)."""
+        d, span = self.config.model.d_model, self.config.model.attn_span
+        batch = self.config.train.batch_size
+        if not isinstance(cache, list) or len(cache) != self.config.model.n_layers:
+            raise ValueError(f"{name} does not have one tensor per layer")
+        for c in cache:
+            if not isinstance(c, Tensor) or c.dim() != 3 or not c.is_floating_point():
+                raise ValueError(f"{name} holds something other than (B, C, d) tensors")
+            if c.shape[0] != batch or c.shape[2] != d or c.shape[1] > span:
+                raise ValueError(f"{name} has shape {tuple(c.shape)}")
+
+    def meta(self, valid_loss: float | None = None) -> dict[str, Any]:
+        """What a checkpoint's header says of the run: the step, its validation loss (if it
+        was a validation step), and the best step so far."""
+        meta: dict[str, Any] = {"step": self.step}
+        if valid_loss is not None:
+            meta["valid_loss"] = valid_loss
+        if self.best_step is not None:
+            meta |= {"best_step": self.best_step, "best_valid_loss": self.best_valid_loss}
+        return meta
+
     def save(self, name: str, meta: dict[str, Any]) -> None:
+        """Write the run's state to `run_dir/name`; never non-finite weights."""
         if self.run_dir is None:
             raise ValueError("this trainer has no run directory to save to")
+        bad = self.nonfinite_weight()
+        if bad is not None:
+            raise NonFiniteError(f"weight {bad} is NaN or infinite at step {self.step}")
         checkpoint.save(
             self.run_dir / name,
             self.model,
@@ -267,6 +367,10 @@ class Trainer:
             state=self.state_dict(),
             run_config=self.config,
         )
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN or infinite loss, gradient or weight."""
 
 
 RESUMABLE_MODEL_FIELDS = frozenset(
@@ -298,8 +402,11 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    fallback: bool = False,
+    verify: bool = True,
 ) -> TrainResult:
-    """Train (or continue training) into `run_dir`; returns the final losses."""
+    """Train (or continue training) into `run_dir`, which the run holds alone (`lock`);
+    returns the final losses. `fallback`: resume from `best` if `last` fails its checks."""
     run_dir = Path(run_dir)
     last = run_dir / LAST
     if last.exists() and not (resume or overwrite):
@@ -308,44 +415,101 @@ def run(
         )
     if resume and not last.exists():
         raise CheckpointError(f"nothing to resume: {last} does not exist")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is not a directory")
     corpus = load_corpus(config.train.data)
     if config.model.vocab_size != len(corpus.vocab):
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
-    trainer = Trainer(config, corpus, run_dir)
-    metrics = MetricsLog(run_dir)
-    if resume:
-        saved = checkpoint.load(last)
-        if saved.run_config is None:
-            raise CheckpointError(f"{last} is not a checkpoint of a training run")
-        _check_resumable(saved.run_config, config)
-        if saved.vocab != corpus.vocab:
-            raise CorpusError(
-                f"the vocabulary of {config.train.data or 'the bundled corpus'} "
-                f"differs from the checkpoint's"
-            )
-        if saved.state is None:
-            raise CheckpointError(f"{last} holds no training state to resume from")
-        trainer.model.load_state_dict(saved.weights)
+    require_memory(config)
+    with lock.hold(run_dir):
+        for path in atomic.remove_stale(run_dir):
+            log.info("removed %s, left by an interrupted write", path)
+        trainer = Trainer(config, corpus, run_dir)
+        metrics = MetricsLog(run_dir)
+        if resume:
+            _resume(trainer, metrics, fallback, verify)
+        else:
+            metrics.clear()
+            for name in (BEST, LAST):
+                (run_dir / name).unlink(missing_ok=True)
+        atomic.write_bytes(run_dir / CONFIG, config.to_toml().encode())
+        log.info(
+            "%s model, %s parameters, %d train tokens, vocabulary %d, device %s",
+            config.model.kind,
+            f"{trainer.model.num_parameters():,}",
+            corpus.splits["train"].size,
+            len(corpus.vocab),
+            trainer.device,
+        )
+        trainer.runtime.log()
+        return _loop(trainer, config, metrics, progress, run_dir)
+
+
+def require_memory(config: RunConfig) -> None:
+    """Refuse a run whose weights, gradients, optimiser state and caches alone exceed the
+    device's memory (before any of it is allocated)."""
+    params = parameter_count(config.model)
+    moments = 1 if config.optim.optimizer == "adagrad" else 2
+    model = config.model
+    cache = 2 * model.n_layers * config.train.batch_size * model.attn_span * model.d_model
+    runtime.require_memory(4 * (params * (2 + moments) + cache), config.runtime.device)
+
+
+def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool) -> None:
+    """Load the run's `last` checkpoint (or with `fallback`, `best` when `last` is unusable),
+    check that it fits, restore it, repair `best` and the metrics log."""
+    run_dir, config = trainer.run_dir, trainer.config
+    assert run_dir is not None
+    last, best = run_dir / LAST, run_dir / BEST
+    try:
+        saved = _checked(trainer, checkpoint.load(last, verify=verify))
+    except CheckpointError as error:
+        if not fallback:
+            hint = " (--fallback resumes from best.safetensors)" if best.is_file() else ""
+            raise CheckpointError(f"{error}{hint}") from None
+        if not best.is_file():
+            raise CheckpointError(f"{error}; there is no {BEST} to fall back to") from None
+        saved = _checked(trainer, checkpoint.load(best, verify=verify))
+        log.warning(
+            "%s is unusable (%s); resuming from %s (step %d) as --fallback asks",
+            last,
+            error,
+            best,
+            saved.meta.get("step", 0),
+        )
+    assert saved.state is not None
+    trainer.model.load_state_dict(saved.weights)
+    try:
         trainer.load_state_dict(saved.state, exact=config.train.exact_resume)
-        metrics.truncate(trainer.step)
-        log.info("resumed %s at step %d", last, trainer.step)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics.clear()
-        for name in (BEST, LAST):
-            (run_dir / name).unlink(missing_ok=True)
-    atomic_write_bytes(run_dir / CONFIG, config.to_toml().encode())
-    log.info(
-        "%s model, %s parameters, %d train tokens, vocabulary %d, device %s",
-        config.model.kind,
-        f"{trainer.model.num_parameters():,}",
-        corpus.splits["train"].size,
-        len(corpus.vocab),
-        trainer.device,
-    )
-    trainer.runtime.log()
-    return _loop(trainer, config, metrics, progress, run_dir)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{saved.path}: inconsistent training state ({reason})") from None
+    if trainer.step != saved.meta.get("step", trainer.step):
+        raise CheckpointError(f"{saved.path}: the state's step differs from the header's")
+    if trainer.best_step == trainer.step and saved.path == last:
+        if not best.is_file() or checkpoint.load_meta(best).get("step") != trainer.best_step:
+            atomic.copy_file(last, best)  # killed between writing `last` and copying it
+            log.info("wrote %s: step %d, the best, had not been copied", best, trainer.step)
+    metrics.truncate(trainer.step)
+    log.info("resumed %s at step %d", saved.path, trainer.step)
+
+
+def _checked(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Checkpoint:
+    """`saved` if it is a training checkpoint that fits the trainer's data and model."""
+    path, config = saved.path, trainer.config
+    if saved.run_config is None:
+        raise CheckpointError(f"{path} is not a checkpoint of a training run")
+    if saved.state is None:
+        raise CheckpointError(f"{path} holds no training state to resume from")
+    if saved.vocab != trainer.corpus.vocab:
+        raise CorpusError(
+            f"the vocabulary of {config.train.data or 'the bundled corpus'} "
+            f"differs from the checkpoint's"
+        )
+    _check_resumable(saved.run_config, config)
+    checkpoint.check_weights(trainer.model.state_dict(), saved.weights, path)
+    return saved
 
 
 def _loop(
@@ -353,69 +517,110 @@ def _loop(
 ) -> TrainResult:
     train = config.train
     tokens_per_step = train.batch_size * train.block_size
-    interval_losses: list[float] = []
     train_loss = valid_loss = math.nan
     start = time.perf_counter()
     interval_start, interval_first_step = start, trainer.step
-    bar = tqdm(
-        total=train.steps,
-        initial=trainer.step,
-        disable=not progress,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
     stats: dict[str, float] = {}
-    while trainer.step < train.steps:
-        loss, stats = trainer.train_step()
-        interval_losses.append(loss)
-        bar.update(1)
-        if bar.n % 10 == 0 or trainer.step == train.steps:
-            spans = trainer.model.span_stats()
-            elapsed = time.perf_counter() - interval_start
-            postfix = {
-                "tok/s": f"{(trainer.step - interval_first_step) * tokens_per_step / elapsed:,.0f}",
-                "loss": f"{loss:.3f}",
-                "bpc": f"{bits(loss):.3f}",
-                "span": f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
-            }
-            bar.set_postfix(postfix, refresh=False)
-        if trainer.step % train.eval_interval == 0 or trainer.step == train.steps:
-            valid_loss = trainer.validate()
-            elapsed = time.perf_counter() - interval_start
-            train_loss = sum(interval_losses) / len(interval_losses)
-            record = {
-                "step": trainer.step,
-                "train_loss": train_loss,
-                "train_bpc": bits(train_loss),
-                "valid_loss": valid_loss,
-                "valid_bpc": bits(valid_loss),
-                "lr": stats["lr"],
-                "grad_norm": stats["grad_norm"],
-                **trainer.model.span_stats(),
-                "tokens_per_s": len(interval_losses) * tokens_per_step / elapsed,
-                "elapsed_s": time.perf_counter() - start,
-            }
-            metrics.append(record)
-            improved = valid_loss < trainer.best_valid_loss
-            trainer.best_valid_loss = min(trainer.best_valid_loss, valid_loss)
-            meta = {"step": trainer.step, "valid_loss": valid_loss}
-            trainer.save(LAST, meta)
-            if improved:
-                trainer.save(BEST, meta)
-            log.info(
-                "step %d: train %.3f bpc, valid %.3f bpc, lr %.3g, span %.0f/%.0f, %s tok/s",
-                trainer.step,
-                record["train_bpc"],
-                record["valid_bpc"],
-                stats["lr"],
-                record["span_avg"],
-                record["span_max"],
-                f"{record['tokens_per_s']:,.0f}",
+    saved_step = trainer.step  # the step `last` holds
+    with (
+        signals.deferred() as pending,
+        tqdm(
+            total=train.steps,
+            initial=trainer.step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        ) as bar,
+    ):
+        while trainer.step < train.steps:
+            if pending.signum is not None:
+                break
+            try:
+                loss, stats = trainer.train_step()
+                validating = trainer.step % train.eval_interval == 0 or trainer.step == train.steps
+                if validating:
+                    interval_steps = trainer.interval_steps
+                    train_loss = trainer.end_interval()
+                    valid_loss = _validate(
+                        trainer, metrics, stats, train_loss, interval_steps, interval_start, start
+                    )
+                    saved_step = trainer.step
+            except NonFiniteError as error:
+                raise NonFiniteError(
+                    f"training diverged: {error}; nothing was written after step {saved_step} "
+                    "(lower --optim.lr or raise --optim.warmup_steps)"
+                ) from None
+            bar.update(1)
+            if bar.n % 10 == 0 or trainer.step == train.steps:
+                spans = trainer.model.span_stats()
+                elapsed = time.perf_counter() - interval_start
+                steps = trainer.step - interval_first_step
+                postfix = {
+                    "tok/s": f"{steps * tokens_per_step / elapsed:,.0f}",
+                    "loss": f"{loss:.3f}",
+                    "bpc": f"{bits(loss):.3f}",
+                    "span": f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
+                }
+                bar.set_postfix(postfix, refresh=False)
+            if validating:
+                interval_start, interval_first_step = time.perf_counter(), trainer.step
+        if pending.signum is not None:
+            if saved_step != trainer.step:
+                trainer.save(LAST, trainer.meta())
+            bar.close()
+            pending.check(
+                f"stopped by {signal.Signals(pending.signum).name} after step {trainer.step}; "
+                f"{run_dir / LAST} holds it (continue with --resume)"
             )
-            interval_losses = []
-            interval_start, interval_first_step = time.perf_counter(), trainer.step
-    bar.close()
     return TrainResult(
         step=trainer.step, train_loss=train_loss, valid_loss=valid_loss, run_dir=run_dir
     )
+
+
+def _validate(
+    trainer: Trainer,
+    metrics: MetricsLog,
+    stats: dict[str, float],
+    train_loss: float,
+    interval_steps: int,
+    interval_start: float,
+    start: float,
+) -> float:
+    """Validate, log, and write the checkpoints, in the order that keeps them consistent
+    whenever the process dies: the metrics record, then `last`, then `best` as a copy."""
+    valid_loss = trainer.validate()
+    train = trainer.config.train
+    now = time.perf_counter()
+    tokens = interval_steps * train.batch_size * train.block_size
+    record = {
+        "step": trainer.step,
+        "train_loss": train_loss,
+        "train_bpc": bits(train_loss),
+        "valid_loss": valid_loss,
+        "valid_bpc": bits(valid_loss),
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        **trainer.model.span_stats(),
+        "tokens_per_s": tokens / max(now - interval_start, 1e-9),
+        "elapsed_s": now - start,
+    }
+    improved = valid_loss < trainer.best_valid_loss
+    if improved:
+        trainer.best_valid_loss, trainer.best_step = valid_loss, trainer.step
+    metrics.append(record)
+    trainer.save(LAST, trainer.meta(valid_loss))
+    if improved:
+        assert trainer.run_dir is not None
+        atomic.copy_file(trainer.run_dir / LAST, trainer.run_dir / BEST)
+    log.info(
+        "step %d: train %.3f bpc, valid %.3f bpc, lr %.3g, span %.0f/%.0f, %s tok/s",
+        trainer.step,
+        record["train_bpc"],
+        record["valid_bpc"],
+        stats["lr"],
+        record["span_avg"],
+        record["span_max"],
+        f"{record['tokens_per_s']:,.0f}",
+    )
+    return valid_loss

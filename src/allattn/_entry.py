@@ -1,0 +1,21 @@
+"""The `allattn` command's entry point: signal handling first, then the (slow) imports, so a
+Ctrl-C or SIGTERM while torch loads ends with one line, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+from . import signals
+
+
+def main() -> int:
+    signals.install()
+    try:
+        from .cli import main as cli_main
+    except signals.Interrupted as stop:
+        print(f"allattn: {stop.message}", file=sys.stderr)
+        return stop.status
+    except KeyboardInterrupt:
+        print("allattn: interrupted", file=sys.stderr)
+        return 130
+    return cli_main()
