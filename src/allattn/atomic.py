@@ -13,13 +13,15 @@ it when they hold the directory alone (a training run's lock, a corpus being pre
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
@@ -90,26 +92,15 @@ def write_bytes(path: str | Path, data: bytes | Iterable[bytes | memoryview]) ->
 
 
 def copy_file(source: str | Path, target: str | Path) -> None:
-    """Make `target` a copy of `source`, atomically (a hard link where the file system allows,
-    so the copy costs nothing; `source` must then only ever be replaced, never written in
-    place, which holds for every file `write_bytes` writes)."""
-    source, target = Path(source), Path(target)
-    tmp = Path(tempfile.mktemp(prefix=_temporary(target), suffix=TMP_SUFFIX, dir=target.parent))
+    """Make `target` a copy of `source`, atomically. A real copy, not a hard link: the two
+    files must not share their bytes on disk, so that one can stand in for the other."""
+    source = Path(source)
     try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            write_bytes(target, source.read_bytes())
-            return
-        os.replace(tmp, target)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, WriteError):
-            raise WriteError(
-                error.errno, f"cannot write {target}: {error.strerror or error}"
-            ) from None
-        raise
-    fsync_dir(target.parent)
+        with source.open("rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot read {source}: {error.strerror}") from None
+    write_bytes(target, data)
 
 
 def make_temporary_dir(target: Path) -> Path:
@@ -125,14 +116,21 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """glibc's renameat2 (None where there is none)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2); False where the system cannot."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        renameat2 = ctypes.CDLL(name, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     result = renameat2(
         _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)

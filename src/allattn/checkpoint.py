@@ -152,7 +152,7 @@ def _with_checksum(blob: bytes) -> list[bytes | memoryview]:
     header = json.loads(blob[8 : 8 + size])
     data = memoryview(blob)[8 + size :]
     header["__metadata__"][CHECKSUM] = _checksum(header, data)
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # same bytes
     text += b" " * (-len(text) % 8)  # safetensors aligns the tensor data to 8 bytes
     return [len(text).to_bytes(8, "little"), text, data]
 

@@ -354,8 +354,8 @@ def _configure_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with a one-line message)."""
-    runtime.keep_allocations()  # reuse freed memory: large tensors are not re-mmapped every step
     try:
+        runtime.keep_allocations()  # reuse freed memory: no fresh mmap per large tensor
         args, extra = build_parser().parse_known_args(argv)
         _configure_logging(args.quiet)
         flags.reject_extra(extra, args.sections)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -34,11 +33,10 @@ def keep_allocations() -> bool:
     command applies it at start-up. Returns whether the settings were applied (only glibc has
     mallopt).
     """
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols: glibc's mallopt
         ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
         return bool(ok and libc.mallopt(M_TOP_PAD, 64 << 20))
     except (OSError, AttributeError):
