@@ -27,7 +27,8 @@ from allattn.cli import main
 from allattn.data import Corpus, char_corpus
 from allattn.metrics import MetricsLog
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jam".split()
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while")
+WORDS += ("seven", "wizards", "quietly", "hex", "jam")
 TEXT = "".join(
     random.Random(0).choice(WORDS) + random.Random(i).choice(" \n ,") for i in range(1500)
 )
@@ -113,6 +114,7 @@ class Events:
 def forked(argv: list[str], setup: Callable[[], None] | None = None, timeout: float = 120):
     """Run `main(argv)` in a forked child; returns (pid, stderr file) to `wait` on."""
     err = Path(os.environ.get("TMPDIR", "/tmp")) / f"allattn-child-{os.getpid()}-{time.time_ns()}"
+    err.touch()  # before the fork: a child killed at once still leaves it
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 99
@@ -181,9 +183,7 @@ def run_child(argv, monkeypatch=None, kill_at=None) -> tuple[int, str, int]:
 
 def fingerprint(run: Path) -> dict:
     """What must be equal between two runs: both checkpoints' bytes and the metrics."""
-    records = [
-        {k: v for k, v in r.items() if k not in TIMING} for r in MetricsLog(run).records()
-    ]
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in MetricsLog(run).records()]
     return {
         "last": (run / train.LAST).read_bytes(),
         "best": (run / train.BEST).read_bytes(),
@@ -226,6 +226,29 @@ def test_kill_9_at_random_instants_then_resume_ends_bitwise_equal(data, referenc
     assert kills >= KILLS and chains >= 1
 
 
+@pytest.mark.slow
+def test_kill_9_at_random_times_many_times(data, reference, tmp_path):
+    """More kills than the default suite, and at random wall-clock times (wherever the process
+    happens to be, torch kernels included) rather than at counted events."""
+    expected, _ = reference
+    rng = random.Random(2019)
+    run = tmp_path / "run"
+    kills, fresh = 0, True
+    while kills < 200:
+        pid, err = forked(train_argv(data, run, "--force") if fresh else resume_argv(run))
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(pid, signal.SIGKILL)
+        code, text = wait(pid, err)
+        assert code in (0, -signal.SIGKILL) and "Traceback" not in text, text
+        if code == 0:
+            assert fingerprint(run) == expected
+        kills += code != 0
+        fresh = code == 0 or not (run / train.LAST).exists()
+    code, text, _ = run_child(train_argv(data, run, "--force") if fresh else resume_argv(run))
+    assert code == 0, text
+    assert fingerprint(run) == expected
+
+
 def test_a_kill_between_last_and_best_is_repaired(data, reference, tmp_path, capsys):
     expected, _ = reference
     run = tmp_path / "run"
@@ -265,7 +288,7 @@ def test_signals_at_random_instants_save_and_resume_exactly(how, data, reference
     expected, _ = reference
     rng = random.Random(how)
     run = tmp_path / "run"
-    for attempt in range(6):
+    for _ in range(6):
         argv = resume_argv(run) if (run / train.LAST).exists() else train_argv(data, run)
         pid, err = forked(argv)
         time.sleep(rng.uniform(0.0, 0.6))
@@ -558,7 +581,7 @@ def test_prepare_force_killed_at_any_instant_keeps_a_complete_corpus(exchange, t
     outcomes = set()
     for kill_at in range(1, 60):
         pid, err = forked(argv, setup(kill_at))
-        code, text = wait(pid, err)
+        code, _ = wait(pid, err)
         if not out.exists():  # only between the two renames of the fallback
             assert not exchange
             prepare.prepare("text", out, source=str(source), overwrite=True)  # recovers
@@ -597,3 +620,15 @@ def test_interrupted_start_up_prints_no_traceback(tmp_path):
             _, err = child.communicate(timeout=60)
         assert "Traceback" not in err, err
         assert child.returncode in (status, 2), err  # 2: finished first (the file is missing)
+
+
+def test_resume_refuses_what_it_would_ignore(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(data, run, "--train.steps", "3")) == 0
+    capsys.readouterr()
+    assert main(resume_argv(run, "--force")) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(resume_argv(run, "--train.seed", "5")) == 2
+    assert "--train.seed cannot change" in capsys.readouterr().err
+    assert main(["train", "--fallback", "--out", str(run)]) == 2
+    assert "--fallback only applies with --resume" in capsys.readouterr().err

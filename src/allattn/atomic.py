@@ -166,9 +166,7 @@ def _siblings(target: Path, suffix: str) -> list[Path]:
         return []
     prefix = _temporary(target)
     return [
-        p
-        for p in target.parent.iterdir()
-        if p.name.startswith(prefix) and p.name.endswith(suffix)
+        p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)
     ]
 
 

@@ -32,6 +32,7 @@ from .train import require_memory
 class BenchError(ValueError):
     """A benchmark case failed in its process (the message is its last error line)."""
 
+
 LAYER_SIZES = {
     # name: (B, M, S, H, D, N, z) with z the span parameter of every head
     "small": (8, 128, 256, 4, 64, 256, 1.0),

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import atomic
 from .config import CheckpointChoice, ConfigError, ModelConfig, RunConfig
-from .data import Vocabulary, VocabularyError
+from .data import Vocabulary
 from .model import AllAttentionLM, skeleton
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,14 @@ CHOICES: dict[str, tuple[str, ...]] = {"best": (BEST, LAST), "last": (LAST,)}
 is the best validation estimate (the last while a run has no best yet)."""
 
 
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint's header records (None: no such file, or unreadable)."""
+    try:
+        return load_meta(path).get("step") if path.is_file() else None
+    except CheckpointError:
+        return None
+
+
 def best_of_run(run_dir: Path) -> Path | None:
     """The file holding a run's best checkpoint, by the record in `last.safetensors`: `best`,
     or `last` itself when the run was killed after writing `last` and before copying it to
@@ -298,7 +306,7 @@ def best_of_run(run_dir: Path) -> Path | None:
     meta = load_meta(last)
     if "best_step" not in meta:  # written before 0.2: no record
         return best if best.is_file() else last
-    if best.is_file() and load_meta(best).get("step") == meta["best_step"]:
+    if step_of(best) == meta["best_step"]:
         return best
     if meta.get("step") == meta["best_step"]:
         return last

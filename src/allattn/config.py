@@ -71,9 +71,9 @@ def base_type(hint: Any) -> Any:
 
 def _optional(hint: Any) -> bool:
     """Whether `hint` admits None (`X | None`)."""
-    return (
-        isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    ) and type(None) in typing.get_args(hint)
+    return (isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union) and type(
+        None
+    ) in typing.get_args(hint)
 
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1

@@ -387,21 +387,21 @@ def parameter_count(config: ModelConfig) -> int:
     return v * d + config.attn_span * config.head_dim + config.n_layers * layer + d * v + v
 
 
-_UNINITIALISED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+_UNINITIALISED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 
 @contextlib.contextmanager
 def _no_init() -> Iterator[None]:
     """nn.Linear, nn.Embedding and nn.LayerNorm allocate their weights but skip initialising
     them (the weights are about to be replaced)."""
-    saved = [cls.reset_parameters for cls in _UNINITIALISED]
+    saved = [cls.reset_parameters for cls in _UNINITIALISED]  # type: ignore[attr-defined]
     try:
         for cls in _UNINITIALISED:
-            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+            cls.reset_parameters = lambda self: None  # type: ignore[attr-defined]
         yield
     finally:
         for cls, method in zip(_UNINITIALISED, saved, strict=True):
-            cls.reset_parameters = method  # type: ignore[method-assign]
+            cls.reset_parameters = method  # type: ignore[attr-defined]
 
 
 def skeleton(config: ModelConfig, attn_impl: str = "auto") -> AllAttentionLM:

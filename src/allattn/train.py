@@ -388,6 +388,11 @@ def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
             f"cannot change --model.{changed[0]} when resuming "
             f"({old[changed[0]]} in the checkpoint, {new[changed[0]]} asked)"
         )
+    if wanted.train.exact_resume and saved.train.seed != wanted.train.seed:
+        raise ConfigError(
+            "--train.seed cannot change when resuming exactly (the random states come from "
+            "the checkpoint); add --train.exact_resume false"
+        )
     if wanted.train.exact_resume and saved.train.batch_size != wanted.train.batch_size:
         raise ConfigError(
             "cannot change --train.batch_size when resuming exactly (the caches hold "
@@ -487,10 +492,10 @@ def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool)
         raise CheckpointError(f"{saved.path}: inconsistent training state ({reason})") from None
     if trainer.step != saved.meta.get("step", trainer.step):
         raise CheckpointError(f"{saved.path}: the state's step differs from the header's")
-    if trainer.best_step == trainer.step and saved.path == last:
-        if not best.is_file() or checkpoint.load_meta(best).get("step") != trainer.best_step:
-            atomic.copy_file(last, best)  # killed between writing `last` and copying it
-            log.info("wrote %s: step %d, the best, had not been copied", best, trainer.step)
+    copied = checkpoint.step_of(best) == trainer.best_step
+    if trainer.best_step == trainer.step and saved.path == last and not copied:
+        atomic.copy_file(last, best)  # killed between writing `last` and copying it
+        log.info("wrote %s: step %d, the best, had not been copied", best, trainer.step)
     metrics.truncate(trainer.step)
     log.info("resumed %s at step %d", saved.path, trainer.step)
 
@@ -565,7 +570,7 @@ def _loop(
                 bar.set_postfix(postfix, refresh=False)
             if validating:
                 interval_start, interval_first_step = time.perf_counter(), trainer.step
-        if pending.signum is not None:
+        if pending.signum is not None and trainer.step < train.steps:  # (finished: no stop)
             if saved_step != trainer.step:
                 trainer.save(LAST, trainer.meta())
             bar.close()
