@@ -35,7 +35,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from . import atomic
-from .config import CheckpointChoice, ConfigError, ModelConfig, RunConfig
+from .config import CheckpointChoice, ConfigError, ModelConfig, RunConfig, setting
 from .data import Vocabulary
 from .model import AllAttentionLM, skeleton
 
@@ -55,6 +55,11 @@ WEIGHT_DTYPES = (torch.float32, torch.float64)
 """The precisions allattn keeps weights in (bfloat16 runs autocast over float32 weights)."""
 MODEL_PREFIX = "model."
 STATE_PREFIX = "state."
+
+
+def verify_setting() -> Any:
+    """The `--verify/--no-verify` setting of every command that reads a checkpoint."""
+    return setting(True, "check the checkpoint's checksum (--no-verify skips only that check)")
 
 
 class CheckpointError(ValueError):

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__, bench, checkpoint, evaluate, flags, generate, prepare, runtime, train
+from .checkpoint import verify_setting
 from .config import (
     ModelConfig,
     OptimConfig,
@@ -202,7 +203,7 @@ def _run_import_original(args: argparse.Namespace) -> int:
 class _InfoOptions(Settings):
     checkpoint: str = setting(dataclasses.MISSING, "checkpoint file", positional=True)
     json: bool = setting(False, "print one JSON object")
-    verify: bool = setting(True, "check the checkpoint's checksum")
+    verify: bool = verify_setting()
 
 
 def _run_info(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, runtime
+from .checkpoint import verify_setting
 from .config import CheckpointChoice, RuntimeConfig, Settings, TrainConfig, setting
 from .data import Corpus, CorpusError, Split, batchify, full_blocks, load_corpus
 from .metrics import bits, perplexity
@@ -42,7 +43,7 @@ class EvalConfig(Settings):
         None, "parallel streams (default: the run's --train.eval_batch_size, 8 as the original)"
     )
     block_size: int | None = setting(None, "tokens per block (default: the run's block size)")
-    verify: bool = setting(True, "check the checkpoint's checksum")
+    verify: bool = verify_setting()
 
     def validate(self) -> None:
         for name in ("batch_size", "block_size"):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, runtime
+from .checkpoint import verify_setting
 from .config import CheckpointChoice, ConfigError, RuntimeConfig, Settings, setting
 from .data import EOS, Vocabulary, VocabularyError
 from .model import AllAttentionLM
@@ -67,7 +68,7 @@ class GenerateConfig(Settings):
     max_new_tokens: int = setting(500, "tokens to generate")
     seed: int | None = setting(None, "same seed, same text on the same machine (default: random)")
     echo: bool = setting(True, "print the prompt before its continuation")
-    verify: bool = setting(True, "check the checkpoint's checksum")
+    verify: bool = verify_setting()
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:

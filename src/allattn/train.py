@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import atomic, checkpoint, lock, runtime, signals
-from .checkpoint import BEST, LAST, CheckpointError
+from .checkpoint import BEST, LAST, CheckpointError, verify_setting
 from .config import (
     DEFAULT_PRESET,
     ConfigError,
@@ -82,7 +82,7 @@ class TrainOptions(Settings):
     fallback: bool = setting(
         False, "with --resume: if last.safetensors fails its checks, resume from best"
     )
-    verify: bool = setting(True, "check the checksum of the checkpoint resumed from")
+    verify: bool = verify_setting()
     force: bool = setting(False, "restart a run directory from scratch")
     print_config: bool = setting(False, "show the resolved config and parameter count, then stop")
     progress: bool = setting(True, "show a progress bar")
