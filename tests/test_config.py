@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from allattn import ConfigError, ModelConfig
+from allattn.config import load_preset
 
 
 @pytest.mark.parametrize(
@@ -36,3 +39,34 @@ def test_round_trip_and_unknown_fields():
     with pytest.raises(ConfigError, match=r"unknown model config field.*nb_layers"):
         ModelConfig.from_dict({"nb_layers": 3})
     assert cfg.head_dim == 64
+
+
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        ('[model]\nadapt_span = "false"', "--model.adapt_span must be true or false, not 'false'"),
+        ('[model]\nn_layers = "4"', "--model.n_layers must be an integer, not '4'"),
+        ("[model]\nn_layers = true", "--model.n_layers must be an integer, not True"),
+        ("[model]\nn_layers = 99999999999999999999", "out of range"),
+        ('[optim]\nlr = "0.1"', "--optim.lr must be a number, not '0.1'"),
+        ("[optim]\nlr = nan", "--optim.lr (nan) must be a finite number"),
+        ("[optim]\nlr = inf", "--optim.lr (inf) must be a finite number"),
+        ("[runtime]\ndevice = 5", "--runtime.device must be a string, not 5"),
+        ('[runtime]\ndevice = "cuda:abc"', "must be auto, cpu, cuda or cuda:N"),
+        ("[train]\nseed = -1", "--train.seed (-1) must be a non-negative integer"),
+    ],
+)
+def test_preset_values_are_type_checked(table, message, tmp_path):
+    """A preset TOML gives typed values; a wrong type is refused, never coerced (the string
+    "false" is not a true boolean)."""
+    path = tmp_path / "p.toml"
+    path.write_text(table + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_preset(str(path))
+
+
+def test_integer_values_of_float_settings_become_floats(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("[optim]\nlr = 1\n")
+    lr = load_preset(str(path)).optim.lr
+    assert lr == 1.0 and isinstance(lr, float)
