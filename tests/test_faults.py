@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import stat
 import sys
@@ -637,3 +638,31 @@ def test_resume_refuses_what_it_would_ignore(data, tmp_path, capsys):
     assert "--train.seed cannot change" in capsys.readouterr().err
     assert main(["train", "--fallback", "--out", str(run)]) == 2
     assert "--fallback only applies with --resume" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(
+    data, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    run = tmp_path / "run"
+    assert main(train_argv(data, run, "--train.steps", "3")) == 0
+    before = (run / train.LAST).read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if "last.safetensors" in name and name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    capsys.readouterr()
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    argv = [a for a in resume_argv(run, "--train.steps", "6") if a != "--quiet"]
+    assert main([*argv, "--progress"]) == 2  # with the progress bar and the log lines
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip()]
+    assert lines[-1].startswith("allattn: error: cannot write"), lines[-3:]  # the bar is gone
+    assert str(run / train.LAST) in lines[-1] and "No space left on device" in lines[-1]
+    monkeypatch.undo()
+    assert (run / train.LAST).read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

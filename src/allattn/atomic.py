@@ -28,7 +28,11 @@ OLD_SUFFIX = ".old"
 
 
 class WriteError(OSError):
-    """Writing or replacing a file failed (disk full, permissions, ...); the old file is kept."""
+    """Writing or replacing a file failed (disk full, permissions, ...); the old file is kept.
+    Raised as `WriteError(errno, "cannot write PATH: reason")`; prints as the message alone."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def umask() -> int:
