@@ -9,6 +9,7 @@ appends, every piece of every atomic write, the renames and the copies of `last`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -79,15 +80,7 @@ class Events:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         tick = self.tick
-
-        def ticking(function: Callable) -> Callable:
-            def wrapper(*args, **kwargs):
-                tick()
-                result = function(*args, **kwargs)
-                tick()
-                return result
-
-            return wrapper
+        ticking = functools.partial(_ticking, self)
 
         real_write = atomic.write_bytes
 
@@ -666,3 +659,17 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(
     monkeypatch.undo()
     assert (run / train.LAST).read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_hostile_config_is_refused_before_building_its_model(trained, tmp_path, capsys):
+    """A header (with a valid checksum) claiming 10^9 layers: refused at once, not built."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes((trained / train.LAST).read_bytes())
+
+    def huge(tensors, metadata):
+        metadata["config"] = json.dumps({**json.loads(metadata["config"]), "n_layers": 10**9})
+
+    _rewrite(path, huge)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "GiB" in err, err

@@ -291,3 +291,23 @@ if __name__ == "__main__":
         for name, case in CASES.items():
             found = compare(case["config"], case.get("z"), impl=impl)
             print(f"{impl:9s} {name:46s}" + "  ".join(f"{k} {v:.1e}" for k, v in found.items()))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"adapt_span": False},
+        {"n_persistent": 0},
+        {"d_inner": 24},
+        {"n_persistent": 0, "d_inner": 24},
+        {"n_layers": 3, "n_heads": 4, "attn_span": 7},
+    ],
+)
+def test_parameter_count_from_the_config_is_the_model_s(changes):
+    from allattn.model import parameter_count, skeleton
+
+    config = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, n_persistent=5)
+    config = config.replace(**changes)
+    assert parameter_count(config) == AllAttentionLM(config).num_parameters()
+    assert skeleton(config).num_parameters() == parameter_count(config)

@@ -147,13 +147,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def replace_dir(new: Path, target: Path, exchange: bool = True) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Put the complete directory `new` in the place of `target` (which may exist); at every
     instant `target` holds the old directory or the new one (see `recover_dir` for systems
     without an atomic exchange)."""
     if not target.exists():
         os.replace(new, target)
-    elif exchange and _exchange(new, target):
+    elif _exchange(new, target):
         shutil.rmtree(new)  # now the old directory
     else:
         aside = Path(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,12 +33,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from . import atomic
+from . import atomic, runtime
 from .config import CheckpointChoice, ConfigError, ModelConfig, RunConfig, setting
 from .data import Vocabulary
-from .model import AllAttentionLM, skeleton
-
-log = logging.getLogger(__name__)
+from .model import AllAttentionLM, parameter_count, skeleton
 
 LAST = "last.safetensors"
 """A run directory's newest checkpoint."""
@@ -80,6 +77,8 @@ class Checkpoint:
 
     def build_model(self, attn_impl: str = "auto") -> AllAttentionLM:
         """The model with these weights (dtype as stored, on the CPU, in eval mode)."""
+        # Before building: an absurd config (a hostile header) would take forever.
+        runtime.require_memory(4 * parameter_count(self.config), "cpu", f"{self.path}'s model")
         model = skeleton(self.config, attn_impl)  # no random init of weights to be replaced
         check_weights(model.state_dict(), self.weights, self.path)
         model.load_state_dict(self.weights, assign=True)
@@ -206,10 +205,9 @@ def _json(path: Path, text: str | bytes, what: str) -> Any:
 
 def _header(path: Path, data: bytes | None = None) -> dict[str, Any]:
     """The safetensors JSON header (read from `data`, or from the file's first bytes)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a regular file)")
     try:
         if data is None:
+            _require_file(path)
             with path.open("rb") as f:
                 prefix = f.read(8)
                 size = int.from_bytes(prefix, "little")
@@ -227,6 +225,11 @@ def _header(path: Path, data: bytes | None = None) -> dict[str, Any]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: not an allattn checkpoint")
     return header
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():  # a FIFO would block, a directory fail later
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a regular file)")
 
 
 def _read_metadata(path: Path, header: dict[str, Any] | None = None) -> dict[str, str]:
@@ -286,11 +289,6 @@ def _run_config(path: Path, metadata: dict[str, str]) -> RunConfig | None:
         return RunConfig.from_dict(values) if values is not None else None
     except (AttributeError, TypeError, ConfigError) as error:
         raise CheckpointError(f"{path}: bad run config in the checkpoint ({error})") from None
-
-
-CHOICES: dict[str, tuple[str, ...]] = {"best": (BEST, LAST), "last": (LAST,)}
-"""The files a run directory's `best` and `last` checkpoint mean, in order of preference: `best`
-is the best validation estimate (the last while a run has no best yet)."""
 
 
 def step_of(path: Path) -> int | None:
@@ -353,8 +351,7 @@ def load(path: str | Path, select: CheckpointChoice = "best", verify: bool = Tru
     tensors on the CPU, checked (see the module's doc; `verify=False` skips the checksum).
     Errors name the file and the problem."""
     path = resolve(path, select)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a regular file)")
+    _require_file(path)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -401,9 +398,10 @@ def load(path: str | Path, select: CheckpointChoice = "best", verify: bool = Tru
         if name.startswith(MODEL_PREFIX)
     }
     others = {k: t for k, t in tensors.items() if not k.startswith(MODEL_PREFIX)}
+    foreign = [k for k in others if not k.startswith(STATE_PREFIX)]
+    if foreign:
+        raise CheckpointError(f"{path}: unexpected tensor {foreign[0]}")
     _check_tensors(path, weights, others)
-    if any(not k.startswith(STATE_PREFIX) for k in others):
-        raise CheckpointError(f"{path}: unexpected tensor {next(iter(others))}")
     return Checkpoint(
         config=config,
         weights=weights,

@@ -464,34 +464,25 @@ def require_memory(config: RunConfig) -> None:
 def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool) -> None:
     """Load the run's `last` checkpoint (or with `fallback`, `best` when `last` is unusable),
     check that it fits, restore it, repair `best` and the metrics log."""
-    run_dir, config = trainer.run_dir, trainer.config
+    run_dir = trainer.run_dir
     assert run_dir is not None
     last, best = run_dir / LAST, run_dir / BEST
     try:
-        saved = _checked(trainer, checkpoint.load(last, verify=verify))
+        saved = _restore(trainer, checkpoint.load(last, verify=verify))
     except CheckpointError as error:
         if not fallback:
             hint = " (--fallback resumes from best.safetensors)" if best.is_file() else ""
             raise CheckpointError(f"{error}{hint}") from None
         if not best.is_file():
             raise CheckpointError(f"{error}; there is no {BEST} to fall back to") from None
-        saved = _checked(trainer, checkpoint.load(best, verify=verify))
+        saved = _restore(trainer, checkpoint.load(best, verify=verify))
         log.warning(
             "%s is unusable (%s); resuming from %s (step %d) as --fallback asks",
             last,
             error,
             best,
-            saved.meta.get("step", 0),
+            trainer.step,
         )
-    assert saved.state is not None
-    trainer.model.load_state_dict(saved.weights)
-    try:
-        trainer.load_state_dict(saved.state, exact=config.train.exact_resume)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{saved.path}: inconsistent training state ({reason})") from None
-    if trainer.step != saved.meta.get("step", trainer.step):
-        raise CheckpointError(f"{saved.path}: the state's step differs from the header's")
     copied = checkpoint.step_of(best) == trainer.best_step
     if trainer.best_step == trainer.step and saved.path == last and not copied:
         atomic.copy_file(last, best)  # killed between writing `last` and copying it
@@ -500,8 +491,9 @@ def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool)
     log.info("resumed %s at step %d", saved.path, trainer.step)
 
 
-def _checked(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Checkpoint:
-    """`saved` if it is a training checkpoint that fits the trainer's data and model."""
+def _restore(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Checkpoint:
+    """Put the trainer in the state of `saved`, a training checkpoint that must fit the
+    trainer's data, model and run (`CheckpointError` naming the file if it does not)."""
     path, config = saved.path, trainer.config
     if saved.run_config is None:
         raise CheckpointError(f"{path} is not a checkpoint of a training run")
@@ -514,6 +506,14 @@ def _checked(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Check
         )
     _check_resumable(saved.run_config, config)
     checkpoint.check_weights(trainer.model.state_dict(), saved.weights, path)
+    trainer.model.load_state_dict(saved.weights)
+    try:
+        trainer.load_state_dict(saved.state, exact=config.train.exact_resume)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: inconsistent training state ({reason})") from None
+    if trainer.step != saved.meta.get("step", trainer.step):
+        raise CheckpointError(f"{path}: the state's step differs from the header's")
     return saved
 
 
