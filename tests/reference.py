@@ -104,15 +104,70 @@ def layer(p: dict[str, Tensor], i: int, x: Tensor, cache: Tensor, s: Settings):
 def lm(p: dict[str, Tensor], tokens: Tensor, targets: Tensor, caches: list[Tensor], s: Settings):
     """The LM on one block: returns (logprobs (B, M, V), mean NLL, new caches)."""
     n_layers = len(caches)
-    h = p["tok_emb.weight"][tokens]
+    adaptive = "adaptive.tables.0.weight" in p
+    h = adaptive_embed(p, tokens) if adaptive else p["tok_emb.weight"][tokens]
     new_caches = []
     for i in range(n_layers):
         h, c = layer(p, i, h, caches[i], s)
         new_caches.append(c)
-    logits = h @ p["out.weight"].T + p["out.bias"]
-    logprobs = torch.log_softmax(logits, dim=-1)
+    if adaptive:
+        logprobs = adaptive_logprobs(p, h)
+    else:
+        logits = h @ p["out.weight"].T + p["out.bias"]
+        logprobs = torch.log_softmax(logits, dim=-1)
     nll = -logprobs.gather(-1, targets[..., None]).mean()
     return logprobs, nll, new_caches
+
+
+# -- adaptive input and adaptive softmax (DESIGN §2.8) ---------------------------------------
+def adaptive_clusters(p: dict[str, Tensor]) -> list[tuple[int, int]]:
+    """[lo, hi) of every cluster, from the sizes of the embedding tables."""
+    bounds = [0]
+    while f"adaptive.tables.{len(bounds) - 1}.weight" in p:
+        bounds.append(bounds[-1] + p[f"adaptive.tables.{len(bounds) - 1}.weight"].shape[0])
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def adaptive_embed(p: dict[str, Tensor], tokens: Tensor) -> Tensor:
+    """Token by token: the row of the token's cluster table times P_i^T, times sqrt(d)."""
+    clusters = adaptive_clusters(p)
+    d = p["adaptive.projections.0"].shape[0]
+    rows = []
+    for token in tokens.flatten().tolist():
+        i = next(i for i, (lo, hi) in enumerate(clusters) if lo <= token < hi)
+        row = p[f"adaptive.tables.{i}.weight"][token - clusters[i][0]]
+        rows.append(row @ p[f"adaptive.projections.{i}"].T * math.sqrt(d))
+    return torch.stack(rows).view(*tokens.shape, d)
+
+
+def adaptive_logprobs(p: dict[str, Tensor], h: Tensor) -> Tensor:
+    """Every word's log-probability (..., V): head over the shortlist and the cluster logits;
+    a word of tail cluster i adds head column (shortlist + k - i) to its cluster's softmax."""
+    clusters = adaptive_clusters(p)
+    k = len(clusters) - 1
+
+    def out(name: str, i: int) -> Tensor:  # tied: the input's tables and projections
+        own = p.get(f"adaptive.out_{name}.{i}")
+        if own is not None:
+            return own
+        return p[f"adaptive.tables.{i}.weight" if name == "tables" else f"adaptive.projections.{i}"]
+
+    x0 = h @ out("projections", 0)
+    head_logits = torch.cat(
+        [
+            x0 @ out("tables", 0).T + p["adaptive.out_bias.0"],
+            x0 @ p["adaptive.cluster.weight"].T + p["adaptive.cluster.bias"],
+        ],
+        dim=-1,
+    )
+    head = torch.log_softmax(head_logits, dim=-1)
+    shortlist = clusters[0][1]
+    parts = [head[..., :shortlist]]
+    for i in range(1, k + 1):
+        xi = h @ out("projections", i)
+        tail = torch.log_softmax(xi @ out("tables", i).T + p[f"adaptive.out_bias.{i}"], dim=-1)
+        parts.append(head[..., shortlist + k - i, None] + tail)
+    return torch.cat(parts, dim=-1)
 
 
 def initial_caches(p: dict[str, Tensor], n_layers: int, batch: int, d: int, s: Settings):

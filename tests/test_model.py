@@ -68,7 +68,7 @@ def compare(
     for step in range(n_blocks):
         seq = torch.randint(0, config.vocab_size, (batch, block + 1), generator=gen)
         tokens, targets = seq[:, :-1], seq[:, 1:]
-        out = model(tokens, targets, model_cache)
+        out = model(tokens, targets, model_cache, logprobs=True)
         logprobs, nll, ref_cache = reference.lm(ref_params, tokens, targets, ref_cache, s)
         ref_span_loss = sum(
             config.span_loss_coef * config.attn_span * p.mean()
@@ -119,6 +119,8 @@ def cfg(**changes) -> ModelConfig:
 TRIMMED_AND_FULL = [[0.05, 0.1], [0.7, 0.3]]
 
 
+ADAPTIVE = dict(adaptive_io=True, adaptive_cutoffs=(4, 7), adaptive_div=2, emb_dropout=0.0)
+
 CASES = {
     "all-attention, span trimmed + adaptive cache": dict(config=cfg(), z=TRIMMED_AND_FULL),
     "all-attention, no span": dict(config=cfg(adapt_span=False, attn_span=20)),
@@ -133,6 +135,12 @@ CASES = {
     "z = 0": dict(config=cfg(), z=[[0.0, 0.0], [0.0, 0.0]]),
     # z*S integer (48, 24, 96): m(z*S + R + 1) = 0 exactly, same.
     "z*S integer": dict(config=cfg(), z=[[0.25, 0.125], [0.5, 0.0]]),
+    # Word level (DESIGN §2.8): clusters [0, 4), [4, 7), [7, 11) of widths 16, 8, 4.
+    "adaptive I/O, tied": dict(config=cfg(**ADAPTIVE), z=TRIMMED_AND_FULL),
+    "adaptive I/O, untied": dict(config=cfg(**ADAPTIVE, adaptive_tied=False)),
+    "adaptive I/O, one cutoff, FF baseline": dict(
+        config=cfg(**ADAPTIVE | {"adaptive_cutoffs": (5,)}, n_persistent=0, d_inner=24)
+    ),
 }
 
 
@@ -259,6 +267,30 @@ def test_parameter_counts_match_the_original(changes, expected):
     assert model.num_parameters() == expected
 
 
+def test_wt103_parameter_counts():
+    from allattn.config import load_preset
+    from allattn.model import parameter_count
+
+    assert parameter_count(load_preset("wt103").model) == 132_493_746  # DESIGN §3.1
+    with torch.device("meta"):
+        model = AllAttentionLM(load_preset("wt103").model)
+    assert model.num_parameters() == 132_493_746
+    # The FF twin: d_inner = N, plus the FF biases and a second LayerNorm per layer.
+    assert parameter_count(load_preset("wt103_ff").model) == 132_493_746 + 36 * (2048 + 3 * 512)
+
+
+def test_adaptive_cluster_without_a_target_gets_a_zero_gradient():
+    model = build(cfg(**ADAPTIVE))
+    tokens = torch.tensor([[0, 1, 2, 3]])
+    out = model(tokens, torch.tensor([[1, 2, 3, 0]]))  # targets only in the shortlist
+    assert out.logprobs is None  # only the targets' log-probabilities were computed
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    assert model.adaptive.out_bias[2].grad.abs().max() == 0
+    assert model.adaptive.tables[2].weight.grad.abs().max() == 0
+
+
 def test_span_loss_clamp_and_stats():
     model = build(cfg(span_loss_coef=0.5), [[-0.5, 0.3], [1.7, 0.0]])
     loss = model.span_loss()
@@ -302,6 +334,8 @@ if __name__ == "__main__":
         {"d_inner": 24},
         {"n_persistent": 0, "d_inner": 24},
         {"n_layers": 3, "n_heads": 4, "attn_span": 7},
+        {"adaptive_io": True, "adaptive_cutoffs": (3, 6), "adaptive_div": 2},
+        {"adaptive_io": True, "adaptive_cutoffs": (5,), "adaptive_tied": False},
     ],
 )
 def test_parameter_count_from_the_config_is_the_model_s(changes):

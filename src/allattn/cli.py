@@ -250,8 +250,10 @@ def _commands() -> list[Command]:
         Command(
             "prepare",
             "tokenise a corpus into a data directory",
-            "Prepare enwik8 or text8 (from their zip archives, checksum-verified), the bundled "
-            "tiny-shakespeare, or any UTF-8 text file (character level).",
+            "Prepare enwik8 or text8 (from their zip archives, checksum-verified), WikiText-103 "
+            "or WikiText-2 (word level, from their zip archives or a folder of "
+            "wiki.{train,valid,test}.tokens, checksum-verified), the bundled tiny-shakespeare, "
+            "or any UTF-8 text file (character level).",
             (prepare.PrepareOptions,),
             _run_prepare,
         ),

@@ -10,6 +10,7 @@ run (`ModelConfig` is `[model]`) has dotted flags, `--model.n_heads`; a command'
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import tomllib
@@ -59,7 +60,10 @@ def choices(hint: Any) -> tuple[Any, ...] | None:
 
 
 def base_type(hint: Any) -> Any:
-    """int for `int | None`, str for a `Literal` of strings, else the hint itself."""
+    """int for `int | None`, str for a `Literal` of strings, tuple for `tuple[int, ...]`, else
+    the hint itself."""
+    if typing.get_origin(hint) is tuple:
+        return tuple
     options = choices(hint)
     if options is not None:
         return type(options[0])
@@ -139,6 +143,16 @@ class Settings:
             object.__setattr__(self, name, float(value))
         elif kind is str:
             _require(isinstance(value, str), f"{flag} must be a string, not {value!r}")
+        elif kind is tuple and typing.get_args(hint) == (int, Ellipsis):
+            _require(
+                isinstance(value, list | tuple)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+                f"{flag} must be a list of integers, not {value!r}",
+            )
+            _require(
+                all(INT_MIN <= v <= INT_MAX for v in value), f"{flag} ({value}) is out of range"
+            )
+            object.__setattr__(self, name, tuple(value))  # TOML and JSON give lists
 
     def validate(self) -> None:
         """Checks beyond the types and the choices of `Literal` fields (overridden by the
@@ -205,6 +219,24 @@ class ModelConfig(Settings):
         "epsilon of the span renormalisation a/(sum(a)+eps); 1e-8 is the original's, "
         "0 makes trimming exact",
     )
+    adaptive_io: bool = setting(
+        False,
+        "adaptive input and adaptive softmax over clusters of ids (word level, DESIGN §2.8) "
+        "instead of a full embedding and softmax",
+    )
+    adaptive_cutoffs: tuple[int, ...] = setting(
+        (20000, 40000, 200000),
+        "with adaptive_io: where the id clusters end (increasing, below vocab_size); the "
+        "first cluster is the head's shortlist",
+    )
+    adaptive_div: int = setting(
+        4, "with adaptive_io: cluster i has embedding width d_model / adaptive_div**i"
+    )
+    adaptive_tied: bool = setting(
+        True,
+        "with adaptive_io: the output clusters share the input's embedding tables and "
+        "projections (the original's setting)",
+    )
 
     def validate(self) -> None:
         self._require_ints(
@@ -226,6 +258,35 @@ class ModelConfig(Settings):
             f"--model.span_loss_coef ({self.span_loss_coef}) must be >= 0",
         )
         _require(self.renorm_eps >= 0.0, f"--model.renorm_eps ({self.renorm_eps}) must be >= 0")
+        self._require_ints(1, "adaptive_div")
+        if self.adaptive_io:
+            self._validate_adaptive()
+
+    def _validate_adaptive(self) -> None:
+        cutoffs = self.adaptive_cutoffs
+        bounds = (0, *cutoffs, self.vocab_size)
+        _require(
+            len(cutoffs) >= 1 and all(a < b for a, b in itertools.pairwise(bounds)),
+            f"--model.adaptive_cutoffs ({','.join(map(str, cutoffs))}) must be at least one "
+            f"increasing positive id below --model.vocab_size ({self.vocab_size})",
+        )
+        narrowest = self.d_model // self.adaptive_div ** len(cutoffs)
+        _require(
+            narrowest >= 1,
+            f"--model.adaptive_div ({self.adaptive_div}) leaves the last of "
+            f"{len(cutoffs) + 1} clusters no width (d_model {self.d_model})",
+        )
+
+    def adaptive_sizes(self) -> tuple[int, ...]:
+        """Ids in each adaptive cluster: [0, c_1), [c_1, c_2), ..., [c_k, vocab_size)."""
+        bounds = (0, *self.adaptive_cutoffs, self.vocab_size)
+        return tuple(hi - lo for lo, hi in itertools.pairwise(bounds))
+
+    def adaptive_widths(self) -> tuple[int, ...]:
+        """Embedding width of each adaptive cluster: d_model // adaptive_div**i."""
+        return tuple(
+            self.d_model // self.adaptive_div**i for i in range(len(self.adaptive_cutoffs) + 1)
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -404,6 +465,9 @@ def parse_value(flag: str, text: str, hint: Any) -> Any:
     """The value of `text` given on the command line for a field of type `hint`."""
     kind = base_type(hint)
     try:
+        if kind is tuple:  # "20000,40000,200000" (or as a TOML list, "[20000, 40000]")
+            items = text.strip().removeprefix("[").removesuffix("]").split(",")
+            return tuple(int(item) for item in items if item.strip())
         if kind is bool:
             lowered = text.lower()
             if lowered in ("true", "1", "yes", "on"):
@@ -414,7 +478,8 @@ def parse_value(flag: str, text: str, hint: Any) -> Any:
         if kind in (int, float):
             return kind(text)
     except ValueError:
-        raise ConfigError(f"{flag} expects {kind.__name__}, got {text!r}") from None
+        expected = "comma-separated integers" if kind is tuple else kind.__name__
+        raise ConfigError(f"{flag} expects {expected}, got {text!r}") from None
     return text
 
 
@@ -423,6 +488,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 

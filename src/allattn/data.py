@@ -15,11 +15,13 @@ memory-mapped when read, no pickles) and `meta.json` (source, checksum, token co
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
 import typing
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -275,10 +277,7 @@ def build_corpus(
     values, first = np.unique(units["train"], return_index=True)
     order = values[np.argsort(first, kind="stable")]  # units by first appearance
     for name in SPLITS:
-        if len(units[name]) < 2:
-            raise CorpusError(
-                f"the {name} split would hold {len(units[name])} tokens; the text is too short"
-            )
+        _check_length(name, len(units[name]))
     vocab = Vocabulary(tuple(token_of(int(u)) for u in order), level)
     id_of_sorted = np.empty(len(values), dtype=np.int64)
     id_of_sorted[np.searchsorted(values, order)] = np.arange(len(order))
@@ -304,6 +303,11 @@ def build_corpus(
     return Corpus(vocab=vocab, splits=splits, meta=meta)
 
 
+def _check_length(split: str, tokens: int) -> None:
+    if tokens < 2:
+        raise CorpusError(f"the {split} split would hold {tokens} tokens; the text is too short")
+
+
 def split_points(length: int, split: Sequence[float]) -> tuple[int, int]:
     """Ends of the train and valid parts for fractions (train, valid, test) summing to 1."""
     if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-9:
@@ -326,6 +330,111 @@ def char_corpus(
     }
     meta = {**(meta or {}), "split": list(split), "characters": len(points)}
     return build_corpus(units, chr, "char", meta)
+
+
+def word_lines(text: str) -> Iterator[str]:
+    """The lines of `text` as a file read in text mode gives them (universal newlines): \\n,
+    \\r\\n and a lone \\r end a line; \\x0b, \\x0c, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029 do
+    not, unlike `str.splitlines`. A last line without a newline is still a line."""
+    return iter(io.StringIO(text, newline=None))
+
+
+class _FirstAppearance(dict[str, int]):
+    """Word -> id in order of first appearance: a new word gets the next id."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = number = len(self)
+        return number
+
+
+def _encode_words(
+    lines: Iterable[str], split: str, lookup: Callable[[str], int], unknown: int | None
+) -> tuple[array, int, int]:
+    """The ids of the words of every line plus `<eos>`, the number of lines and the number of
+    words mapped to `unknown` (a word `lookup` lacks is an error when `unknown` is None)."""
+    ids = array("I")
+    number = mapped = 0
+    try:
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            words.append(EOS)
+            start = len(ids)
+            try:
+                ids.extend(map(lookup, words))
+            except KeyError as error:
+                if unknown is None:
+                    raise CorpusError(
+                        f"the {split} split has word {error.args[0]!r} (line {number}), which "
+                        "the training split lacks (the vocabulary comes from the training split "
+                        "only; --unknown-as TOKEN maps such words to TOKEN)"
+                    ) from None
+                del ids[start:]
+                for word in words:
+                    try:
+                        ids.append(lookup(word))
+                    except KeyError:
+                        ids.append(unknown)
+                        mapped += 1
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"the {split} split is not UTF-8 text ({error})") from None
+    return ids, number, mapped
+
+
+def word_corpus(
+    texts: Mapping[str, str | Iterable[str]],
+    meta: dict[str, Any] | None = None,
+    unknown_as: str | None = None,
+) -> Corpus:
+    """A word-level corpus (DESIGN §2.8): the words of every line (`str.split()`) plus `<eos>`.
+
+    `texts` gives each split ("train", "valid", "test") as its text or as its lines (an open
+    text file; read with universal newlines, as `word_lines` splits a text). The vocabulary is
+    the training split's words in descending order of count, ties in reverse order of first
+    appearance (the original sorts by count with a stable sort and reverses); `<eos>` is an
+    ordinary word in that order. A valid/test word the training split lacks is an error, or
+    with `unknown_as` (a word of the training split, e.g. "<unk>") becomes that word.
+    """
+    missing = [name for name in SPLITS if name not in texts]
+    if missing:
+        raise CorpusError(f"a word-level corpus needs the {', '.join(missing)} split")
+    lines = {name: word_lines(t) if isinstance(t, str) else t for name, t in texts.items()}
+    first = _FirstAppearance()
+    train, n_lines, _ = _encode_words(lines["train"], "train", first.__getitem__, None)
+    _check_length("train", len(train))
+    words = list(first)  # by first appearance, as the ids in `train` number them
+    counts = np.bincount(np.frombuffer(train, np.uintc), minlength=len(words))
+    order = np.argsort(counts, kind="stable")[::-1]  # ascending stable, reversed
+    vocab = Vocabulary(tuple(words[i] for i in order.tolist()), "word")
+    dtype = id_dtype(len(vocab))
+    new_id = np.empty(len(vocab), dtype)
+    new_id[order] = np.arange(len(vocab))
+    splits = {"train": new_id[np.frombuffer(train, np.uintc)]}
+    del train, first, words
+    line_counts = {"train": n_lines}
+    mapped = {}
+    ids = {word: i for i, word in enumerate(vocab.tokens)}
+    if unknown_as is not None and unknown_as not in ids:
+        raise CorpusError(
+            f"--unknown-as {unknown_as!r} is not a word of the training split, so it cannot "
+            "stand for the words the training split lacks"
+        )
+    unknown = None if unknown_as is None else ids[unknown_as]
+    for name in SPLITS[1:]:
+        encoded, line_counts[name], mapped[name] = _encode_words(
+            lines[name], name, ids.__getitem__, unknown
+        )
+        _check_length(name, len(encoded))
+        splits[name] = np.frombuffer(encoded, np.uintc).astype(dtype)
+    meta = {
+        **(meta or {}),
+        "level": "word",
+        "vocab_size": len(vocab),
+        "tokens": {name: len(splits[name]) for name in SPLITS},
+        "lines": line_counts,
+        "unknown_as": unknown_as,
+        "unknown_mapped": mapped,
+    }
+    return Corpus(vocab=vocab, splits=splits, meta=meta)
 
 
 def load_corpus(path: str | Path | None) -> Corpus:

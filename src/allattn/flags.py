@@ -71,9 +71,15 @@ def add_sections(parser: argparse.ArgumentParser, *sections: type[Settings]) -> 
                 cls.flag(f.name),
                 dest=f"{cls.section}.{f.name}",
                 default=argparse.SUPPRESS,
-                metavar="{" + ",".join(options) + "}" if options else kind.__name__.upper(),
+                metavar=_metavar(options, kind),
                 help=f.metadata["help"],
             )
+
+
+def _metavar(options: tuple | None, kind: type) -> str:
+    if options:
+        return "{" + ",".join(options) + "}"
+    return "N,N,..." if kind is tuple else kind.__name__.upper()
 
 
 def overrides(args: argparse.Namespace) -> dict[str, str]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adaptive_io import AdaptiveIO
 from .adaptive_span import AdaptiveSpan
 from .attention import attend
 from .config import ModelConfig
@@ -32,8 +33,9 @@ Cache = list[Tensor]
 class LMOutput:
     """What `AllAttentionLM.forward` returns."""
 
-    logprobs: Tensor
-    """Log-probabilities of the next token, (B, M, V)."""
+    logprobs: Tensor | None
+    """Log-probabilities of the next token, (B, M, V); with adaptive I/O and targets, None
+    unless asked for (`forward(..., logprobs=True)`): the loss needs only the targets'."""
     cache: Cache
     """The caches to pass to the next block of the same streams."""
     span_loss: Tensor
@@ -248,19 +250,33 @@ class KVCache:
 
 
 class AllAttentionLM(nn.Module):
-    """Character/byte/word language model: embedding, layers with caches, linear + log-softmax."""
+    """Character/byte/word language model: embedding, layers with caches, linear + log-softmax
+    (or, with `adaptive_io`, adaptive input and adaptive log-softmax, `allattn.adaptive_io`)."""
 
     def __init__(self, config: ModelConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # N(0, 1), no scaling
+        self.tok_emb: nn.Embedding | None = None
+        self.out: nn.Linear | None = None
+        self.adaptive: AdaptiveIO | None = None
+        if config.adaptive_io:
+            self.adaptive = AdaptiveIO(
+                config.vocab_size,
+                config.d_model,
+                config.adaptive_cutoffs,
+                config.adaptive_div,
+                config.adaptive_tied,
+            )
+        else:
+            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # N(0, 1), no scaling
         # Relative positions, shared by every head and layer: row delta - 1 = p_delta, N(0, 1).
         self.pos_emb = nn.Parameter(torch.randn(config.attn_span, config.head_dim))
         self.layers = nn.ModuleList(
             AllAttentionLayer(config, attn_impl) for _ in range(config.n_layers)
         )
         self.emb_dropout = nn.Dropout(config.emb_dropout)
-        self.out = nn.Linear(config.d_model, config.vocab_size)  # not tied to tok_emb
+        if not config.adaptive_io:
+            self.out = nn.Linear(config.d_model, config.vocab_size)  # not tied to tok_emb
 
     def _layers(self) -> list[AllAttentionLayer]:
         return cast(list[AllAttentionLayer], list(self.layers))
@@ -283,32 +299,58 @@ class AllAttentionLM(nn.Module):
         return [layer.cache_size() for layer in self._layers()]
 
     def forward(
-        self, tokens: Tensor, targets: Tensor | None = None, cache: Cache | None = None
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        cache: Cache | None = None,
+        *,
+        logprobs: bool = False,
     ) -> LMOutput:
-        """tokens, targets: (B, M) ids; cache: from `init_cache` or the previous call."""
+        """tokens, targets: (B, M) ids; cache: from `init_cache` or the previous call;
+        `logprobs`: also the full distribution when targets are given (always computed by a
+        full softmax, which needs it for the loss; adaptive I/O otherwise computes only the
+        targets' log-probabilities)."""
         batch = tokens.size(0)
         if cache is None:
             cache = self.init_cache(batch)
         self._check_cache(cache, batch)
-        h = self.emb_dropout(self.tok_emb(tokens))  # (B, M, d)
+        h = self.emb_dropout(self._embed(tokens))  # (B, M, d)
         new_cache = []
         for layer, layer_cache in zip(self._layers(), cache, strict=True):
             h, layer_cache = layer(h, layer_cache, self.pos_emb)
             new_cache.append(layer_cache)
-        logprobs = self._logprobs(self.emb_dropout(h))  # (B, M, V)
-        loss = None
-        if targets is not None:
-            loss = F.nll_loss(logprobs.flatten(0, 1), targets.flatten())
-        return LMOutput(logprobs=logprobs, cache=new_cache, span_loss=self.span_loss(), loss=loss)
+        h = self.emb_dropout(h)
+        distribution = loss = None
+        if self.adaptive is not None:
+            if targets is None or logprobs:
+                distribution = self.adaptive.logprobs(h)  # (B, M, V)
+            if targets is not None:
+                loss = -self.adaptive.target_logprobs(h, targets).mean()
+                if torch.is_grad_enabled():
+                    loss = loss + self.adaptive.zero_term()
+        else:
+            distribution = self._logprobs(h)  # (B, M, V)
+            if targets is not None:
+                loss = F.nll_loss(distribution.flatten(0, 1), targets.flatten())
+        return LMOutput(
+            logprobs=distribution, cache=new_cache, span_loss=self.span_loss(), loss=loss
+        )
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        if self.adaptive is not None:
+            return self.adaptive.embed(tokens)
+        assert self.tok_emb is not None
+        return self.tok_emb(tokens)
 
     def init_kv_cache(self, batch_size: int) -> list[KVCache]:
         """Key/value caches for inference (`forward_kv`), equivalent to `init_cache`'s."""
         return [layer.init_kv_cache(batch_size) for layer in self._layers()]
 
     @torch.no_grad()
-    def forward_kv(self, tokens: Tensor, kv: list[KVCache]) -> Tensor:
+    def forward_kv(self, tokens: Tensor, kv: list[KVCache], last: bool = False) -> Tensor:
         """Inference on the next block of tokens (B, M), any M (1 for token-by-token decoding):
-        log-probabilities (B, M, V), the same as `forward`'s with the equivalent input caches.
+        log-probabilities (B, M, V), the same as `forward`'s with the equivalent input caches;
+        `last`: those of the last position only, (B, 1, V).
 
         The caches hold each layer's keys and values, so the context is never projected again;
         they are updated in place. The model must be in eval mode (no dropout).
@@ -317,13 +359,16 @@ class AllAttentionLM(nn.Module):
             raise ValueError("forward_kv is for inference: call model.eval() first")
         if len(kv) != len(self.layers):
             raise ValueError(f"cache has {len(kv)} layers, the model {len(self.layers)}")
-        h = self.tok_emb(tokens)  # (B, M, d)
+        h = self._embed(tokens)  # (B, M, d)
         for layer, layer_kv in zip(self._layers(), kv, strict=True):
             h = layer.forward_kv(h, layer_kv, self.pos_emb)
-        return self._logprobs(h)
+        return self._logprobs(h[:, -1:] if last else h)
 
     def _logprobs(self, h: Tensor) -> Tensor:
         """Log-probabilities of the next token from the last layer's output (B, M, d)."""
+        if self.adaptive is not None:
+            return self.adaptive.logprobs(h)
+        assert self.out is not None
         logits = self.out(h)  # (B, M, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # log-softmax in float32 under autocast
@@ -379,12 +424,25 @@ class AllAttentionLM(nn.Module):
 def parameter_count(config: ModelConfig) -> int:
     """The parameters `AllAttentionLM(config)` has, from the config alone (no model is built,
     so absurd sizes are refused before any memory is taken)."""
-    d, v, n, inner = config.d_model, config.vocab_size, config.n_persistent, config.d_inner
+    d, n, inner = config.d_model, config.n_persistent, config.d_inner
     layer = 4 * d * d + 2 * d  # projections, norm1
     layer += config.n_heads if config.adapt_span else 0  # span parameters z
     layer += 2 * d * n  # persistent keys and values: H * D * N each
     layer += 2 * d * inner + inner + d + 2 * d if inner else 0  # FF and norm2
-    return v * d + config.attn_span * config.head_dim + config.n_layers * layer + d * v + v
+    return _io_parameters(config) + config.attn_span * config.head_dim + config.n_layers * layer
+
+
+def _io_parameters(config: ModelConfig) -> int:
+    """The embedding and output layer's parameters (full or adaptive, DESIGN §2.8)."""
+    d, v = config.d_model, config.vocab_size
+    if not config.adaptive_io:
+        return v * d + d * v + v  # embedding; output weight and bias (not tied)
+    widths = config.adaptive_widths()
+    tables = sum(n * w for n, w in zip(config.adaptive_sizes(), widths, strict=True))
+    projections = sum(d * w for w in widths)
+    copies = 1 if config.adaptive_tied else 2  # untied: the output's own tables, projections
+    n_tails = len(config.adaptive_cutoffs)
+    return copies * (tables + projections) + v + n_tails * d + n_tails  # + biases, W_c, b_c
 
 
 _UNINITIALISED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm)
