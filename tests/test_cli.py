@@ -23,6 +23,8 @@ def one_line(capsys) -> str:
         ("text8_large", "113,836,348"),
         ("enwik8_small_ff", "38,547,805"),
         ("enwik8_large_ff", "114,146,797"),
+        ("wt103", "132,493,746"),
+        ("wt103_ff", "132,622,770"),
     ],
 )
 def test_print_config_shows_the_paper_parameter_counts(preset, params, capsys):

@@ -39,7 +39,7 @@ def test_evaluation_is_the_token_mean_over_full_blocks():
             nll.append(-out.logprobs.gather(-1, target[..., None]))
     token_mean = torch.cat(nll, dim=1).mean().item()
     assert result.loss_nats == pytest.approx(token_mean, rel=1e-12)
-    assert result.bpc == pytest.approx(token_mean / np.log(2), rel=1e-12)
+    assert result.value == pytest.approx(token_mean / np.log(2), rel=1e-12)  # bpc
 
 
 def test_eval_cli(tmp_path, capsys):
@@ -52,7 +52,8 @@ def test_eval_cli(tmp_path, capsys):
     assert main([*argv, "--block-size", "8", "--batch-size", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == "test" and result["tokens"] == scored_tokens(320, 2, 8)
-    assert {"loss_nats", "bpc", "ppl"} <= set(result)
+    assert result["level"] == "char" and {"loss_nats", "bpc"} <= set(result)
+    assert "bpb" not in result and "ppl" not in result
 
     def error(*extra):
         assert main([*argv, *extra]) == 2

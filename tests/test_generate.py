@@ -17,6 +17,18 @@ CASES = {
     "all-attention, adaptive cache": dict(n_persistent=8, span_init=0.1, adapt_cache=True),
     "all-attention, full span": dict(n_persistent=8, span_init=1.0),
     "transformer, no span": dict(n_persistent=0, d_inner=48, adapt_span=False),
+    # Word level: adaptive input and softmax, clusters [0, 4), [4, 8), [8, 13).
+    "word level, adaptive I/O": dict(
+        n_persistent=8, span_init=0.1, adaptive_io=True, adaptive_cutoffs=(4, 8), adaptive_div=2
+    ),
+    "word level, adaptive I/O untied, transformer": dict(
+        n_persistent=0,
+        d_inner=48,
+        adaptive_io=True,
+        adaptive_cutoffs=(4, 8),
+        adaptive_div=2,
+        adaptive_tied=False,
+    ),
 }
 
 
@@ -196,3 +208,22 @@ def test_cli_errors_are_one_line(checkpoint_file, extra, message, capsys):
     assert main(["generate", "--checkpoint", str(checkpoint_file), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_word_level_sampling_joins_words_and_breaks_lines():
+    words = (EOS, "the", "cat", "sat", "on", "a", "mat", ".", "dog", "ran", "far", "away", "!")
+    vocab = Vocabulary(words, "word")
+    model = make_model(
+        n_persistent=8, adaptive_io=True, adaptive_cutoffs=(4, 8), adaptive_div=2
+    ).float()
+    flat = Sampling(temperature=50.0)  # a random model is peaked: draw every word
+    text = generate.sample(model, vocab, "the cat", 200, flat, seed=3)
+    assert text[0] in " \n"  # continues the prompt's line: a space, or a line break
+    lines = text.split("\n")
+    assert len(lines) > 2  # <eos> was drawn: a line break
+    for line in lines:
+        assert "  " not in line and not line.endswith(" ")
+        assert all(word in words for word in line.split())
+    after_newline = generate.sample(model, vocab, "the cat\n", 5, flat, seed=3)
+    assert not after_newline.startswith(" ")
+    assert generate.sample(model, vocab, "the cat", 200, flat, seed=3) == text  # seeded

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import atomic
 from .config import DEFAULT_PRESET, AttnImpl, ConfigError, RunConfig, Settings, setting
+from .data import SPLITS, Corpus
 from .train import require_memory
 
 
@@ -79,6 +81,11 @@ class TrainStepBench(BenchOptions):
     preset: str = setting(DEFAULT_PRESET, "preset name or .toml file")
     steps: int = setting(4, "timed training steps")
     compare: bool = setting(False, "also time the reference kernel with glibc's default allocator")
+    compare_softmax: bool = setting(
+        False,
+        "adaptive I/O models: also time a plain embedding and full softmax of the same "
+        "vocabulary (--model.adaptive_io false), peak memory included",
+    )
 
     def validate(self) -> None:
         self._require_ints(1, "steps")
@@ -264,14 +271,10 @@ def layer_benchmark(
 def train_step_case(run_config: dict[str, Any], steps: int) -> dict[str, Any]:
     """Runs in a child process: `steps` training steps of a run config (`RunConfig.to_dict`)
     on a synthetic corpus."""
-    from .data import char_corpus
     from .train import Trainer, adopt_vocabulary
 
     config = RunConfig.from_dict(run_config)
-    text = "".join(chr(32 + (i * 7919) % 90) for i in range(200_000))  # synthetic characters
-    block = config.train.block_size * config.train.batch_size
-    text = text * max(1, math.ceil(4 * block / len(text)))
-    corpus = char_corpus(text, (0.9, 0.05, 0.05))
+    corpus = synthetic_corpus(config)
     config = adopt_vocabulary(config, corpus.vocab)
     trainer = Trainer(config, corpus, run_dir=None)
     trainer.train_step()  # warm-up
@@ -286,6 +289,25 @@ def train_step_case(run_config: dict[str, Any], steps: int) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "parameters": trainer.model.num_parameters(),
     }
+
+
+def synthetic_corpus(config: RunConfig) -> Corpus:
+    """A corpus to time `config` on: 90 distinct characters for character-level models; for
+    word-level ones (adaptive I/O, or more than 256 tokens), `vocab_size` words drawn from a
+    Zipf distribution over the ids, which word-level ids follow (numbered by count)."""
+    from .data import Vocabulary, char_corpus, id_dtype
+
+    block = config.train.block_size * config.train.batch_size
+    vocab_size = config.model.vocab_size
+    if not config.model.adaptive_io and vocab_size <= 256:
+        text = "".join(chr(32 + (i * 7919) % 90) for i in range(200_000))
+        return char_corpus(text * max(1, math.ceil(4 * block / len(text))), (0.9, 0.05, 0.05))
+    rank = np.arange(1, vocab_size + 1, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    ids = rng.choice(vocab_size, size=4 * block, p=(1 / rank) / (1 / rank).sum())
+    ids = ids.astype(id_dtype(vocab_size))
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(vocab_size)), "word")
+    return Corpus(vocab=vocab, splits={name: ids for name in SPLITS}, meta={"synthetic": True})
 
 
 def generate_case(
@@ -386,6 +408,8 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
         f"{shipped['tokens_per_s']:,.0f} tokens/s, {shipped['ms_per_step']:.0f} ms/step, "
         f"peak RSS {shipped['peak_rss_mb']:,.0f} MB"
     ]
+    if options.compare_softmax:
+        lines.append(_compare_softmax(options, config, shipped, payload, allocator))
     if options.compare:
         reference = config.replace(runtime=config.runtime.replace(attn_impl="reference"))
         slow = _child(["train_step_case", reference.to_dict(), options.steps], False)
@@ -396,6 +420,35 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
             f"-> shipped is {payload['speedup']:.2f}x"
         )
     return Report("\n".join(lines), payload)
+
+
+def _compare_softmax(
+    options: TrainStepBench,
+    config: RunConfig,
+    adaptive: dict[str, Any],
+    payload: dict[str, Any],
+    allocator: bool,
+) -> str:
+    """Time the same run with a plain embedding and full softmax; its line of the report."""
+    if not config.model.adaptive_io:
+        raise ConfigError("--compare-softmax compares adaptive I/O: the model has none")
+    full = config.replace(model=config.model.replace(adaptive_io=False))
+    vocab = config.model.vocab_size
+    try:
+        require_memory(full)
+        result = _child(["train_step_case", full.to_dict(), options.steps], allocator)
+    except (BenchError, MemoryError) as error:
+        payload["full_softmax"] = {"failed": str(error)}
+        return f"full softmax over {vocab:,} tokens: did not run ({error})"
+    payload["full_softmax"] = result
+    payload["full_softmax_memory_ratio"] = result["peak_rss_mb"] / adaptive["peak_rss_mb"]
+    payload["full_softmax_speed_ratio"] = adaptive["tokens_per_s"] / result["tokens_per_s"]
+    return (
+        f"full softmax over {vocab:,} tokens: {result['tokens_per_s']:,.0f} tokens/s, "
+        f"peak RSS {result['peak_rss_mb']:,.0f} MB -> adaptive I/O is "
+        f"{payload['full_softmax_speed_ratio']:.2f}x faster with "
+        f"{payload['full_softmax_memory_ratio']:.2f}x less peak memory"
+    )
 
 
 def generate(options: GenerateBench, config: RunConfig, overrides: list[str]) -> Report:

@@ -32,7 +32,7 @@ from .config import (
     preset_names,
     setting,
 )
-from .metrics import bits
+from .metrics import measure
 from .original import ImportFiles, ImportOptions, import_original
 from .signals import Interrupted
 
@@ -101,8 +101,8 @@ def _run_train(args: argparse.Namespace) -> int:
         verify=options.verify,
     )
     print(
-        f"trained to step {result.step}: last validation {bits(result.valid_loss):.3f} "
-        f"bpc; checkpoints in {result.run_dir}"
+        f"trained to step {result.step}: last validation "
+        f"{measure(result.level).format(result.valid_loss)}; checkpoints in {result.run_dir}"
     )
     return 0
 
@@ -118,10 +118,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(
-            f"{result.split}: {result.tokens:,} tokens, {result.loss_nats:.4f} nats/token, "
-            f"{result.bpc:.3f} bits per character (ppl {result.ppl:.3f})"
-        )
+        print(result.describe())
     return 0
 
 
@@ -271,7 +268,7 @@ def _commands() -> list[Command]:
         ),
         Command(
             "eval",
-            "full evaluation of a checkpoint on a split (bits per character)",
+            "full evaluation of a checkpoint on a split (bpc, bits per byte or perplexity)",
             "Score every full block of a split with fresh caches (DESIGN §3).",
             (evaluate.EvalConfig, _EvalOutput),
             _run_eval,

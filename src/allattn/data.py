@@ -98,6 +98,22 @@ class Vocabulary:
             return text.encode("latin-1").decode("utf-8", errors="replace")
         return text
 
+    def describe(self) -> str:
+        """'a word-level vocabulary of 267,735 tokens'."""
+        return f"a {self.level}-level vocabulary of {len(self):,} tokens"
+
+    def require_same(self, other: Vocabulary, mine: str, theirs: str) -> None:
+        """`CorpusError` unless `other` is this vocabulary; the message says first whether the
+        levels differ (a character-level corpus for a word-level model, say)."""
+        if self == other:
+            return
+        if self.level != other.level:
+            raise CorpusError(
+                f"{theirs} has {other.describe()} but {mine} {self.describe()}: a "
+                f"{other.level}-level corpus cannot be scored by a {self.level}-level model"
+            )
+        raise CorpusError(f"the vocabulary of {theirs} differs from {mine}'s")
+
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "tokens": list(self.tokens)}
 

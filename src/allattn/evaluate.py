@@ -21,7 +21,7 @@ from . import checkpoint, runtime
 from .checkpoint import verify_setting
 from .config import CheckpointChoice, RuntimeConfig, Settings, TrainConfig, setting
 from .data import Corpus, CorpusError, Split, batchify, full_blocks, load_corpus
-from .metrics import bits, perplexity
+from .metrics import Measure, measure
 from .model import AllAttentionLM
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,33 @@ class EvalResult:
     split: str
     tokens: int
     loss_nats: float
-    bpc: float
-    ppl: float
+    level: str = "char"
+    """The vocabulary's level, which decides the measure: char bpc, byte bpb, word ppl."""
     checkpoint: str | None = None
     """The checkpoint file scored (set by `run`)."""
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+    @property
+    def measure(self) -> Measure:
+        return measure(self.level)
+
+    @property
+    def value(self) -> float:
+        """The result in the level's measure (bits per character or byte, or perplexity)."""
+        return self.measure(self.loss_nats)
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        """split, tokens, loss_nats, level, the measure's key ("bpc", "bpb" or "ppl") with
+        its value, and checkpoint."""
+        values = asdict(self)
+        checkpoint = values.pop("checkpoint")
+        return {**values, self.measure.key: self.value, "checkpoint": checkpoint}
+
+    def describe(self) -> str:
+        """'test: 55,296 tokens, 1.7116 nats/token, 2.469 bits per character'."""
+        return (
+            f"{self.split}: {self.tokens:,} tokens, {self.loss_nats:.4f} nats/token, "
+            f"{self.measure.describe(self.loss_nats)}"
+        )
 
 
 def _full_blocks(length: int, batch_size: int, block_size: int, split: str) -> int:
@@ -89,6 +109,7 @@ def evaluate(
     block_size: int,
     split: str = "test",
     dtype: str = "float32",
+    level: str = "char",
 ) -> EvalResult:
     """Score `ids` (1-D) as DESIGN §3 says; the model's device and dtype are used."""
     n_blocks = _full_blocks(len(ids), batch_size, block_size, split)
@@ -106,8 +127,7 @@ def evaluate(
         split=split,
         tokens=n_blocks * block_size * batch_size,
         loss_nats=loss,
-        bpc=bits(loss),
-        ppl=perplexity(loss),
+        level=level,
     )
 
 
@@ -121,10 +141,8 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
             raise CorpusError("the checkpoint does not name its data; pass --data")
         data = run.train.data
     corpus: Corpus = load_corpus(data)
-    if ckpt.vocab is not None and ckpt.vocab != corpus.vocab:
-        raise CorpusError(
-            f"the vocabulary of {data or 'the bundled corpus'} differs from the checkpoint's"
-        )
+    if ckpt.vocab is not None:
+        ckpt.vocab.require_same(corpus.vocab, "the checkpoint", data or "the bundled corpus")
     block_size = config.block_size
     if block_size is None:
         if run is None:
@@ -152,6 +170,7 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
         block_size=block_size,
         split=config.split,
         dtype=chosen.dtype,
+        level=corpus.vocab.level,
     )
     result.checkpoint = str(ckpt.path)
     return result

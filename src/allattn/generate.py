@@ -145,7 +145,7 @@ def tokens(
     prompt = prompt.to(device)
     kv = model.init_kv_cache(prompt.size(0))
     for start in range(0, prompt.size(1), PROMPT_BLOCK):
-        logprobs = model.forward_kv(prompt[:, start : start + PROMPT_BLOCK], kv)
+        logprobs = model.forward_kv(prompt[:, start : start + PROMPT_BLOCK], kv, last=True)
     for step in range(max_new_tokens):
         token = next_token(logprobs[:, -1], sampling, generator)
         yield token
@@ -189,12 +189,15 @@ def _describe(unit: str, level: str) -> str:
 
 
 class TextDecoder:
-    """Turns a stream of token ids into text pieces (bytes are decoded as UTF-8 incrementally,
-    so a character split over several tokens appears once it is complete)."""
+    """Turns a stream of token ids into text pieces. Bytes are decoded as UTF-8 incrementally,
+    so a character split over several tokens appears once it is complete; words are joined by
+    single spaces, and `<eos>` is a line break. `after`: the text the pieces continue."""
 
-    def __init__(self, vocab: Vocabulary) -> None:
+    def __init__(self, vocab: Vocabulary, after: str = "") -> None:
         self.vocab = vocab
         self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.line_start = not after or after[-1].isspace()
+        """Word level: no space is needed before the next word."""
 
     def __call__(self, token_id: int) -> str:
         token = self.vocab.tokens[token_id]
@@ -203,7 +206,12 @@ class TextDecoder:
         if self.vocab.level == "byte":
             return self.bytes.decode(token.encode("latin-1"))
         if self.vocab.level == "word":
-            return token if token == "\n" else token + " "
+            if token == "\n":
+                self.line_start = True
+                return token
+            piece = token if self.line_start else " " + token
+            self.line_start = False
+            return piece
         return token
 
     def flush(self) -> str:
@@ -228,7 +236,8 @@ def stream(
             f"the vocabulary has {len(vocab)} tokens, the model {model.config.vocab_size}"
         )
     ids = torch.tensor([encode_prompt(vocab, prompt)])
-    return _text(tokens(model, ids, max_new_tokens, sampling, seed=seed), TextDecoder(vocab))
+    decoder = TextDecoder(vocab, after=prompt or "\n")
+    return _text(tokens(model, ids, max_new_tokens, sampling, seed=seed), decoder)
 
 
 def _text(ids: Iterator[Tensor], decoder: TextDecoder) -> Iterator[str]:

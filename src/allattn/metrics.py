@@ -1,7 +1,9 @@
 """The numbers a run reports: bits per token and perplexity from nats, and the metrics log.
 
-Losses are mean negative log-likelihoods in nats. Character- and byte-level results are
-reported in bits per character (nats / ln 2), word-level ones as perplexity (exp nats).
+Losses are mean negative log-likelihoods in nats. What a result is reported as depends on the
+level of the corpus (`Measure`): character level in bits per character (bpc), byte level
+(enwik8, raw bytes) in bits per byte (bpb: the paper's enwik8 "bpc" are bits per byte, as the
+authors later corrected), both nats / ln 2; word level as perplexity (ppl, exp nats).
 A run directory's `metrics.jsonl` holds one JSON object per validation, in step order. It is
 appended before the checkpoint of the same step is written, so a run killed in between holds a
 record (possibly torn: a last line without its newline) beyond its checkpoint; `truncate`, run
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,42 @@ def bits(nats: float) -> float:
 def perplexity(nats: float) -> float:
     """exp(nats); infinite where that overflows a float."""
     return math.exp(nats) if nats < 700 else math.inf
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How results of one level are reported: `key` in JSON and metrics.jsonl, `name` in text."""
+
+    key: str
+    name: str
+    of_nats: Callable[[float], float]
+
+    def __call__(self, nats: float) -> float:
+        return self.of_nats(nats)
+
+    def format(self, nats: float) -> str:
+        """'2.469 bpc', '1.010 bpb' or 'ppl 20.60'."""
+        if self.key == "ppl":
+            return f"ppl {self(nats):.2f}"
+        return f"{self(nats):.3f} {self.key}"
+
+    def describe(self, nats: float) -> str:
+        """'2.469 bits per character', '1.010 bits per byte' or 'perplexity 20.60'."""
+        if self.key == "ppl":
+            return f"perplexity {self(nats):.2f}"
+        return f"{self(nats):.3f} {self.name}"
+
+
+MEASURES = {
+    "char": Measure("bpc", "bits per character", bits),
+    "byte": Measure("bpb", "bits per byte", bits),
+    "word": Measure("ppl", "perplexity", perplexity),
+}
+
+
+def measure(level: str) -> Measure:
+    """The measure of a vocabulary level: char -> bpc, byte -> bpb, word -> ppl."""
+    return MEASURES[level]
 
 
 class MetricsError(ValueError):

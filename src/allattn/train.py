@@ -46,7 +46,7 @@ from .config import (
     setting,
 )
 from .data import Corpus, CorpusError, Streams, Vocabulary, load_corpus
-from .metrics import METRICS, MetricsLog, bits
+from .metrics import METRICS, MetricsLog, measure
 from .model import AllAttentionLM, Cache, parameter_count
 from .optim import Optimizer
 
@@ -177,6 +177,8 @@ class TrainResult:
     train_loss: float
     valid_loss: float
     run_dir: Path
+    level: str = "char"
+    """The corpus's level: how the losses are reported (`metrics.measure`)."""
 
 
 class Trainer:
@@ -423,6 +425,12 @@ def run(
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is not a directory")
     corpus = load_corpus(config.train.data)
+    if config.model.adaptive_io and corpus.vocab.level != "word":
+        raise CorpusError(
+            f"--model.adaptive_io is for word-level corpora, and "
+            f"{config.train.data or 'the bundled corpus'} has {corpus.vocab.describe()} "
+            "(prepare a word-level corpus, or add --model.adaptive_io false)"
+        )
     if config.model.vocab_size != len(corpus.vocab):
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
@@ -499,11 +507,11 @@ def _restore(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Check
         raise CheckpointError(f"{path} is not a checkpoint of a training run")
     if saved.state is None:
         raise CheckpointError(f"{path} holds no training state to resume from")
-    if saved.vocab != trainer.corpus.vocab:
-        raise CorpusError(
-            f"the vocabulary of {config.train.data or 'the bundled corpus'} "
-            f"differs from the checkpoint's"
-        )
+    if saved.vocab is None:
+        raise CheckpointError(f"{path} has no vocabulary")
+    saved.vocab.require_same(
+        trainer.corpus.vocab, str(path), config.train.data or "the bundled corpus"
+    )
     _check_resumable(saved.run_config, config)
     checkpoint.check_weights(trainer.model.state_dict(), saved.weights, path)
     trainer.model.load_state_dict(saved.weights)
@@ -522,6 +530,7 @@ def _loop(
 ) -> TrainResult:
     train = config.train
     tokens_per_step = train.batch_size * train.block_size
+    unit = measure(trainer.corpus.vocab.level)
     train_loss = valid_loss = math.nan
     start = time.perf_counter()
     interval_start, interval_first_step = start, trainer.step
@@ -564,7 +573,7 @@ def _loop(
                 postfix = {
                     "tok/s": f"{steps * tokens_per_step / elapsed:,.0f}",
                     "loss": f"{loss:.3f}",
-                    "bpc": f"{bits(loss):.3f}",
+                    unit.key: f"{unit(loss):.3f}" if unit.key != "ppl" else f"{unit(loss):.1f}",
                     "span": f"{spans['span_avg']:.0f}/{spans['span_max']:.0f}",
                 }
                 bar.set_postfix(postfix, refresh=False)
@@ -579,7 +588,11 @@ def _loop(
                 f"{run_dir / LAST} holds it (continue with --resume)"
             )
     return TrainResult(
-        step=trainer.step, train_loss=train_loss, valid_loss=valid_loss, run_dir=run_dir
+        step=trainer.step,
+        train_loss=train_loss,
+        valid_loss=valid_loss,
+        run_dir=run_dir,
+        level=trainer.corpus.vocab.level,
     )
 
 
@@ -598,12 +611,13 @@ def _validate(
     train = trainer.config.train
     now = time.perf_counter()
     tokens = interval_steps * train.batch_size * train.block_size
+    unit = measure(trainer.corpus.vocab.level)
     record = {
         "step": trainer.step,
         "train_loss": train_loss,
-        "train_bpc": bits(train_loss),
+        f"train_{unit.key}": unit(train_loss),
         "valid_loss": valid_loss,
-        "valid_bpc": bits(valid_loss),
+        f"valid_{unit.key}": unit(valid_loss),
         "lr": stats["lr"],
         "grad_norm": stats["grad_norm"],
         **trainer.model.span_stats(),
@@ -619,10 +633,10 @@ def _validate(
         assert trainer.run_dir is not None
         atomic.copy_file(trainer.run_dir / LAST, trainer.run_dir / BEST)
     log.info(
-        "step %d: train %.3f bpc, valid %.3f bpc, lr %.3g, span %.0f/%.0f, %s tok/s",
+        "step %d: train %s, valid %s, lr %.3g, span %.0f/%.0f, %s tok/s",
         trainer.step,
-        record["train_bpc"],
-        record["valid_bpc"],
+        unit.format(train_loss),
+        unit.format(valid_loss),
         stats["lr"],
         record["span_avg"],
         record["span_max"],
