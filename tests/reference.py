@@ -5,6 +5,7 @@ is tested against an independent reading of the spec.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -125,7 +126,7 @@ def adaptive_clusters(p: dict[str, Tensor]) -> list[tuple[int, int]]:
     bounds = [0]
     while f"adaptive.tables.{len(bounds) - 1}.weight" in p:
         bounds.append(bounds[-1] + p[f"adaptive.tables.{len(bounds) - 1}.weight"].shape[0])
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def adaptive_embed(p: dict[str, Tensor], tokens: Tensor) -> Tensor:
