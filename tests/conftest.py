@@ -5,6 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the reference module
+# What every command sets on the CPU (`--runtime.flush_denormal`, process-wide): the same for
+# every test, whichever ran first.
+torch.set_flush_denormal(True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,10 @@
 """Where and how the computation runs: device, precision (autocast), attention kernel, allocator.
 
 `resolve(RuntimeConfig)` turns the settings into a `Runtime`: the device (auto = CUDA when
-available), the autocast context of the precision, and the kernel `auto` stands for, logged with
-the reason. None of these change a result beyond rounding, so training, resuming, evaluation and
-generation each choose their own.
+available), the autocast context of the precision, the kernel `auto` stands for, logged with
+the reason, and on the CPU whether subnormal floats are flushed to zero (`flush_denormal`).
+None of these change a result beyond rounding, so training, resuming, evaluation and generation
+each choose their own.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class Runtime:
     attn_impl: str
     reason: str
     """Why this kernel: asked for, or what `auto` means here."""
+    flush_denormal: bool = False
+    """Subnormal floats are flushed to zero (CPU only, process-wide)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
@@ -107,11 +110,12 @@ class Runtime:
     def log(self) -> None:
         """Say which kernel runs and why (once the command's input is known to be good)."""
         log.info(
-            "attention kernel: %s (%s); %s on %s",
+            "attention kernel: %s (%s); %s on %s%s",
             self.attn_impl,
             self.reason,
             self.dtype,
             self.device,
+            ", subnormals flushed to zero" if self.flush_denormal else "",
         )
 
 
@@ -119,4 +123,10 @@ def resolve(config: RuntimeConfig) -> Runtime:
     """The device, precision and kernel of `config`."""
     device = resolve_device(config.device)
     impl, reason = choose_attn_impl(config.attn_impl, config.dtype)
-    return Runtime(device=device, dtype=config.dtype, attn_impl=impl, reason=reason)
+    flush = False
+    if device.type == "cpu":
+        supported = torch.set_flush_denormal(config.flush_denormal)
+        flush = config.flush_denormal and supported
+    return Runtime(
+        device=device, dtype=config.dtype, attn_impl=impl, reason=reason, flush_denormal=flush
+    )
