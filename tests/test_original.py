@@ -10,7 +10,12 @@ import torch
 from allattn import AllAttentionLM, ModelConfig, checkpoint
 from allattn.cli import main
 from allattn.data import EOS, Vocabulary
-from allattn.original import infer_level, read_original_vocabulary, to_allattn_token
+from allattn.original import (
+    import_original,
+    infer_level,
+    read_original_vocabulary,
+    to_allattn_token,
+)
 
 # A small "enwik8": bytes, the newline byte is <eos>; one non-ASCII character (2 bytes).
 CORPUS = "ab ca\nbé d\n\nab\n".encode()
@@ -256,11 +261,140 @@ def test_info_describes_an_imported_checkpoint(files, capsys):
     assert info["kind"] == "all-attention" and info["vocab_level"] == "byte"
 
 
-def test_word_level_train_txt_is_refused(files, capsys):
+def test_word_level_train_txt_without_adaptive_io_is_first_appearance(files):
     tmp, train, _ = files
     (tmp / "words.txt").write_text("the cat sat on a mat by\n")  # 8 tokens with <eos>, as V
     model = make_model(config())
     original = write_original(tmp / "m.pt", model, allattn_vocab(), read_original_vocabulary(train))
-    argv = ["import-original", str(original), str(tmp / "o.safetensors")]
-    assert main([*argv, "--train-txt", str(tmp / "words.txt")]) == 2
-    assert "numbers word vocabularies by count" in _error(capsys)
+    ckpt = import_original(original, tmp / "o.safetensors", train_txt=tmp / "words.txt")
+    assert ckpt.vocab == Vocabulary(("the", "cat", "sat", "on", "a", "mat", "by", EOS), "word")
+
+
+# -- word level: adaptive input and adaptive softmax (DESIGN §2.8) ---------------------------
+WORD_TRAIN = "the cat sat on the mat\nthe dog sat\n\non a log , the cat ran\nbig mat . dog\n"
+# Count order (descending, ties in reverse first appearance): <eos> 5, the 4, then the words
+# seen twice and those seen once, each in reverse order of first appearance; 13 in all.
+WORD_ORDER = [EOS, "the", "dog", "mat", "on", "sat", "cat", ".", "big", "ran", ",", "log", "a"]
+
+
+def word_config(**changes) -> ModelConfig:
+    base = dict(adaptive_io=True, adaptive_cutoffs=(3, 7), adaptive_div=2, vocab_size=13)
+    return config(**base | changes)
+
+
+def original_word_state_dict(model: AllAttentionLM) -> dict[str, torch.Tensor]:
+    """The original's state dict of an adaptive-I/O model, from its documented layout: tied
+    output layers are the same tensors as the input's."""
+    sd = original_state_dict_layers(model)
+    src = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = model.config
+    for i in range(len(cfg.adaptive_cutoffs) + 1):
+        table, projection = src[f"adaptive.tables.{i}.weight"], src[f"adaptive.projections.{i}"]
+        sd[f"module.in_emb.emb_layers.{i}.weight"] = table
+        sd[f"module.in_emb.emb_projs.{i}"] = projection
+        sd[f"module.out_emb.out_layers.{i}.weight"] = src.get(f"adaptive.out_tables.{i}", table)
+        sd[f"module.out_emb.out_layers.{i}.bias"] = src[f"adaptive.out_bias.{i}"]
+        sd[f"module.out_emb.out_projs.{i}"] = src.get(f"adaptive.out_projections.{i}", projection)
+    sd["module.out_emb.cluster_proj.weight"] = src["adaptive.cluster.weight"]
+    sd["module.out_emb.cluster_proj.bias"] = src["adaptive.cluster.bias"]
+    return sd
+
+
+def original_state_dict_layers(model: AllAttentionLM) -> dict[str, torch.Tensor]:
+    """Everything but the input and output layers (as for character-level checkpoints)."""
+    full = model.config.replace(adaptive_io=False, vocab_size=len(allattn_vocab()))
+    plain = AllAttentionLM(full).to(model.pos_emb.dtype)
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("adaptive.")},
+        strict=False,
+    )
+    tokens = [t if t == EOS else str(ord(t)) for t in allattn_vocab().tokens]  # as train.txt
+    sd = original_state_dict(plain, allattn_vocab(), tokens)
+    for name in ("in_emb.weight", "out_emb.weight", "out_emb.bias"):
+        del sd[f"module.{name}"]
+    return sd
+
+
+def write_word_original(path, model):
+    torch.save({"model": original_word_state_dict(model), "iter_no": 3}, path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_word_level_checkpoint_imports_with_equal_logprobs(tmp_path, tied):
+    (tmp_path / "train.txt").write_text(WORD_TRAIN)
+    model = make_model(word_config(adaptive_tied=tied)).eval()  # float32, as the original's
+    original = write_word_original(tmp_path / "m.pt", model)
+    out = tmp_path / "o.safetensors"
+    assert (
+        main(
+            ["import-original", str(original), str(out), "--train-txt", str(tmp_path / "train.txt")]
+        )
+        == 0
+    )
+    ckpt = checkpoint.load(out)
+    assert ckpt.config.adaptive_io and ckpt.config.adaptive_cutoffs == (3, 7)
+    assert (ckpt.config.adaptive_div, ckpt.config.adaptive_tied) == (2, tied)
+    assert ckpt.vocab is not None and ckpt.vocab.level == "word"
+    assert list(ckpt.vocab.tokens) == WORD_ORDER
+    imported = ckpt.build_model().eval()
+    tokens = torch.randint(13, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = imported(tokens, logprobs=True).logprobs
+        theirs = model(tokens, logprobs=True).logprobs
+    assert torch.equal(ours, theirs)  # the same weights in the same places
+
+
+def test_imported_word_ids_agree_with_allattn_prepare(tmp_path):
+    source = tmp_path / "wiki"
+    source.mkdir()
+    (source / "wiki.train.tokens").write_text(WORD_TRAIN)
+    (source / "wiki.valid.tokens").write_text("the cat sat\n")
+    (source / "wiki.test.tokens").write_text("the dog ran\n")
+    argv = ["prepare", "wikitext-103", "--source", str(source), "--out", str(tmp_path / "data")]
+    assert main([*argv, "--no-verify", "--quiet"]) == 0
+    original = write_word_original(tmp_path / "m.pt", make_model(word_config()))
+    ckpt = import_original(
+        original, tmp_path / "o.safetensors", train_txt=source / "wiki.train.tokens"
+    )
+    from allattn.data import Corpus
+
+    assert ckpt.vocab == Corpus.load(tmp_path / "data").vocab  # every token id the same
+
+
+def test_word_level_import_errors(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text(WORD_TRAIN)
+    train = ["--train-txt", str(tmp_path / "train.txt")]
+    model = make_model(word_config(adaptive_tied=False))
+    sd = original_word_state_dict(model)
+
+    def refused(state, *extra, message):
+        torch.save({"model": state}, tmp_path / "bad.pt")
+        argv = ["import-original", str(tmp_path / "bad.pt"), str(tmp_path / "o.safetensors")]
+        assert main([*argv, *extra, "--force"]) == 2
+        assert message in _error(capsys)
+
+    half = dict(sd)
+    half["module.out_emb.out_layers.0.weight"] = sd["module.in_emb.emb_layers.0.weight"]
+    half["module.out_emb.out_projs.0"] = sd["module.in_emb.emb_projs.0"]
+    refused(half, *train, message="are tied to the input and the others are not")
+    odd = dict(sd)
+    for key in ("in_emb.emb_layers.2.weight", "out_emb.out_layers.2.weight"):
+        odd[f"module.{key}"] = torch.zeros(7, 3)
+    for key in ("in_emb.emb_projs.2", "out_emb.out_projs.2"):
+        odd[f"module.{key}"] = torch.zeros(16, 3)
+    refused(odd, *train, message="not d_model 16 divided by a power of one divisor")
+    (tmp_path / "short.txt").write_text("the cat\n")
+    refused(sd, "--train-txt", str(tmp_path / "short.txt"), message="3 distinct tokens")
+    words = Vocabulary(tuple(reversed(import_vocab(tmp_path, sd))), "word")
+    words.save(tmp_path / "v.json")
+    refused(sd, *train, "--vocab", str(tmp_path / "v.json"), message="cannot be permuted")
+
+
+def import_vocab(tmp_path, sd) -> tuple[str, ...]:
+    torch.save({"model": sd}, tmp_path / "good.pt")
+    ckpt = import_original(
+        tmp_path / "good.pt", tmp_path / "good.safetensors", train_txt=tmp_path / "train.txt"
+    )
+    assert ckpt.vocab is not None
+    return ckpt.vocab.tokens

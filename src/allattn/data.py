@@ -396,6 +396,23 @@ def _encode_words(
     return ids, number, mapped
 
 
+def _count_order(words: list[str], ids: array) -> tuple[Vocabulary, np.ndarray]:
+    """The word-level vocabulary of a split whose `ids` number `words` by first appearance,
+    and the first-appearance id of each of its entries: descending count, ties in reverse
+    order of first appearance (the original's stable ascending sort, reversed)."""
+    counts = np.bincount(np.frombuffer(ids, np.uintc), minlength=len(words))
+    order = np.argsort(counts, kind="stable")[::-1]
+    return Vocabulary(tuple(words[i] for i in order.tolist()), "word"), order
+
+
+def word_vocabulary(lines: Iterable[str]) -> Vocabulary:
+    """The vocabulary `word_corpus` numbers a training split of these lines with (the
+    original's order for adaptive input/softmax, DESIGN §2.8)."""
+    first = _FirstAppearance()
+    ids, _, _ = _encode_words(lines, "train", first.__getitem__, None)
+    return _count_order(list(first), ids)[0]
+
+
 def word_corpus(
     texts: Mapping[str, str | Iterable[str]],
     meta: dict[str, Any] | None = None,
@@ -417,15 +434,12 @@ def word_corpus(
     first = _FirstAppearance()
     train, n_lines, _ = _encode_words(lines["train"], "train", first.__getitem__, None)
     _check_length("train", len(train))
-    words = list(first)  # by first appearance, as the ids in `train` number them
-    counts = np.bincount(np.frombuffer(train, np.uintc), minlength=len(words))
-    order = np.argsort(counts, kind="stable")[::-1]  # ascending stable, reversed
-    vocab = Vocabulary(tuple(words[i] for i in order.tolist()), "word")
+    vocab, order = _count_order(list(first), train)
     dtype = id_dtype(len(vocab))
     new_id = np.empty(len(vocab), dtype)
     new_id[order] = np.arange(len(vocab))
     splits = {"train": new_id[np.frombuffer(train, np.uintc)]}
-    del train, first, words
+    del train, first
     line_counts = {"train": n_lines}
     mapped = {}
     ids = {word: i for i, word in enumerate(vocab.tokens)}

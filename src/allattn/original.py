@@ -2,9 +2,15 @@
 
 The original saves `torch.save({'model': state_dict, 'optimizer': ..., 'logger': ..., 'iter_no':
 ..., 'scheduler_iter': ...})` with the model wrapped (keys start with `module.`). Its token ids
-follow the order of first appearance in its prepared `train.txt` (whitespace-separated tokens,
-`<eos>` after every line): enwik8 bytes written as decimal numbers, text8 characters with space
-written as `_`. This module maps those weights and ids onto an `AllAttentionLM` and a
+follow its prepared `train.txt` (whitespace-separated tokens, `<eos>` after every line): in
+order of first appearance (enwik8 bytes written as decimal numbers, text8 characters with space
+written as `_`), or, when the model has adaptive input/softmax (word level, WikiText-103), in
+descending order of count with ties in reverse first appearance, the order `allattn prepare`
+gives word-level corpora (DESIGN §2.8). Adaptive models store `in_emb.emb_layers.i` /
+`in_emb.emb_projs.i` and `out_emb.{cluster_proj, out_layers.i, out_projs.i}`; the cutoffs are
+the tables' cumulative sizes, the width divisor their ratio, and the output is tied when its
+tables and projections equal the input's. Their clusters are id ranges, so their ids are never
+permuted. This module maps those weights and ids onto an `AllAttentionLM` and a
 `Vocabulary`; options the file cannot tell (dropout, span ramp, span loss, adaptive cache) come
 from `ImportOptions`, whose defaults are the original's command-line defaults.
 """
@@ -23,7 +29,7 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig, Settings, setting
-from .data import EOS, Level, Vocabulary, VocabularyError
+from .data import EOS, CorpusError, Level, Vocabulary, VocabularyError, word_vocabulary
 
 WRAPPER_PREFIX = "module."
 SPAN = "attn.attn.adaptive_span._mask"
@@ -135,10 +141,15 @@ def convert_state_dict(
             raise OriginalFormatError(f"original state dict has no '{name}'") from None
 
     weights: dict[str, Tensor] = {}
-    weights["tok_emb.weight"] = take("in_emb.weight")
-    vocab_size, d_model = weights["tok_emb.weight"].shape
-    weights["out.weight"] = take("out_emb.weight")
-    weights["out.bias"] = take("out_emb.bias")
+    adaptive: dict[str, Any] = {}
+    if "in_emb.emb_layers.0.weight" in state:
+        adaptive = _adaptive_io(take, state, weights)
+        vocab_size, d_model = adaptive.pop("vocab_size"), adaptive.pop("d_model")
+    else:
+        weights["tok_emb.weight"] = take("in_emb.weight")
+        vocab_size, d_model = weights["tok_emb.weight"].shape
+        weights["out.weight"] = take("out_emb.weight")
+        weights["out.bias"] = take("out_emb.bias")
     key_pe = take("key_pe")  # (1, D, S): column S - delta is the vector for distance delta
     if key_pe.dim() != 3 or key_pe.size(0) != 1:
         raise OriginalFormatError(f"key_pe has shape {tuple(key_pe.shape)}, expected (1, D, S)")
@@ -209,10 +220,67 @@ def convert_state_dict(
             adapt_cache=options.adapt_cache,
             dropout=options.dropout,
             emb_dropout=options.emb_dropout,
+            **adaptive,
         )
     except ConfigError as error:
         raise OriginalFormatError(f"cannot build a model for this checkpoint: {error}") from None
     return config, weights
+
+
+def _adaptive_io(take: Any, state: dict[str, Tensor], weights: dict[str, Tensor]) -> dict[str, Any]:
+    """Move the original's adaptive input/softmax into `weights`; its config fields (with
+    vocab_size and d_model) from the tensors' shapes and equalities."""
+    tables: list[Tensor] = []
+    projections: list[Tensor] = []
+    while f"in_emb.emb_layers.{len(tables)}.weight" in state:
+        i = len(tables)
+        tables.append(take(f"in_emb.emb_layers.{i}.weight"))
+        projections.append(take(f"in_emb.emb_projs.{i}"))
+    d_model = projections[0].size(0)
+    widths = [t.size(1) for t in tables]
+    for i, (table, projection) in enumerate(zip(tables, projections, strict=True)):
+        if table.dim() != 2 or projection.shape != (d_model, table.size(1)):
+            raise OriginalFormatError(
+                f"adaptive cluster {i}: table {tuple(table.shape)} and projection "
+                f"{tuple(projection.shape)} do not fit (expected (n, d_i) and ({d_model}, d_i))"
+            )
+    div = widths[0] // widths[1] if len(widths) > 1 and widths[1] else 4
+    if widths[0] != d_model or widths != [d_model // div**i for i in range(len(widths))]:
+        raise OriginalFormatError(
+            f"adaptive embedding widths {widths} are not d_model {d_model} divided by a power "
+            "of one divisor"
+        )
+    sizes = [t.size(0) for t in tables]
+    tied = []
+    for i, (table, projection) in enumerate(zip(tables, projections, strict=True)):
+        weights[f"adaptive.tables.{i}.weight"] = table
+        weights[f"adaptive.projections.{i}"] = projection
+        weights[f"adaptive.out_bias.{i}"] = take(f"out_emb.out_layers.{i}.bias")
+        out_table = take(f"out_emb.out_layers.{i}.weight")
+        out_projection = take(f"out_emb.out_projs.{i}")
+        same = torch.equal(out_table, table) and torch.equal(out_projection, projection)
+        tied.append(same)
+        weights[f"adaptive.out_tables.{i}"] = out_table
+        weights[f"adaptive.out_projections.{i}"] = out_projection
+    if len(set(tied)) > 1:
+        raise OriginalFormatError(
+            f"adaptive output clusters {[i for i, t in enumerate(tied) if t]} are tied to the "
+            "input and the others are not (allattn ties all clusters or none)"
+        )
+    if tied[0]:
+        for i in range(len(tables)):
+            del weights[f"adaptive.out_tables.{i}"], weights[f"adaptive.out_projections.{i}"]
+    weights["adaptive.cluster.weight"] = take("out_emb.cluster_proj.weight")
+    weights["adaptive.cluster.bias"] = take("out_emb.cluster_proj.bias")
+    cutoffs = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return {
+        "vocab_size": sum(sizes),
+        "d_model": d_model,
+        "adaptive_io": True,
+        "adaptive_cutoffs": tuple(cutoffs),
+        "adaptive_div": div,
+        "adaptive_tied": tied[0],
+    }
 
 
 def permute_vocabulary(
@@ -234,6 +302,30 @@ def permute_vocabulary(
     for name in ("tok_emb.weight", "out.weight", "out.bias"):
         permuted[name] = weights[name][order].contiguous()
     return permuted
+
+
+def _original_vocabulary(train_txt: str | Path, level: str, config: ModelConfig) -> Vocabulary:
+    """The original's vocabulary of `train_txt` for a checkpoint of `config`: count order for
+    adaptive input/softmax (always word level), else first appearance."""
+    if config.adaptive_io:
+        if level not in ("auto", "word"):
+            raise OriginalFormatError(
+                f"the checkpoint has adaptive input/softmax, which is word level, not {level}"
+            )
+        try:
+            with open(train_txt, encoding="utf-8") as f:  # universal newlines, as the original
+                vocab = word_vocabulary(f)
+        except (CorpusError, OSError) as error:
+            raise OriginalFormatError(f"{train_txt}: {error}") from None
+        tokens = list(vocab.tokens)
+    else:
+        tokens = read_original_vocabulary(train_txt)
+    if len(tokens) != config.vocab_size:
+        raise OriginalFormatError(
+            f"{train_txt} has {len(tokens)} distinct tokens, the checkpoint {config.vocab_size}"
+        )
+    chosen = "word" if config.adaptive_io else infer_level(tokens) if level == "auto" else level
+    return Vocabulary(tuple(to_allattn_token(t, chosen) for t in tokens), chosen)
 
 
 def _jsonable(value: Any) -> Any:
@@ -273,19 +365,7 @@ def import_original(
     source = target = None
     try:
         if train_txt is not None:
-            tokens = read_original_vocabulary(train_txt)
-            if len(tokens) != config.vocab_size:
-                raise OriginalFormatError(
-                    f"{train_txt} has {len(tokens)} distinct tokens, the checkpoint "
-                    f"{config.vocab_size}"
-                )
-            chosen = infer_level(tokens) if level == "auto" else level
-            if chosen == "word":
-                raise OriginalFormatError(
-                    f"{train_txt} holds words: the original numbers word vocabularies by count "
-                    "(adaptive I/O), not by first appearance; pass --vocab in the original's order"
-                )
-            source = Vocabulary(tuple(to_allattn_token(t, chosen) for t in tokens), chosen)
+            source = _original_vocabulary(train_txt, level, config)
         if vocab is not None:
             target = Vocabulary.load(vocab)
             if len(target) != config.vocab_size:
@@ -294,7 +374,13 @@ def import_original(
                 )
     except VocabularyError as error:
         raise OriginalFormatError(str(error)) from None
-    if source is not None and target is not None:
+    if source is not None and target is not None and config.adaptive_io:
+        if source != target:
+            raise OriginalFormatError(
+                f"{vocab} orders the words differently from the original's train.txt: an "
+                "adaptive-softmax model's clusters are id ranges, so its ids cannot be permuted"
+            )
+    elif source is not None and target is not None:
         weights = permute_vocabulary(weights, source, target)
     result = checkpoint.Checkpoint(
         config=config,
