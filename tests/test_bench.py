@@ -57,6 +57,20 @@ def test_train_step_cli_prints_json_last(capsys):
     assert {"tokens_per_s", "peak_rss_mb"} <= set(last)
 
 
+def test_train_step_compares_adaptive_and_full_softmax(capsys):
+    small = "--model.n_layers 1 --model.d_model 32 --model.n_heads 2 --model.n_persistent 8 "
+    small += "--model.attn_span 32 --model.vocab_size 3000 --model.adaptive_cutoffs 100,1000 "
+    small += "--train.block_size 16 --train.batch_size 2 --train.batch_split 1"
+    argv = ["bench", "train-step", "--preset", "wt103", *small.split(), "--steps", "1"]
+    assert main([*argv, "--compare-softmax", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["full_softmax"]["parameters"] > last["parameters"]
+    assert last["full_softmax_memory_ratio"] > 0 and last["full_softmax_speed_ratio"] > 0
+    tiny = ["bench", "train-step", "--preset", "tiny", "--steps", "1", "--compare-softmax"]
+    assert main(tiny) == 2
+    assert "the model has none" in capsys.readouterr().err
+
+
 def test_bench_errors_are_one_line(capsys):
     for argv, message in (
         (["bench", "layer", "--sizes", "huge"], "unknown size 'huge'"),

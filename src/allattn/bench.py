@@ -395,6 +395,8 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
     """Whole training steps of `config` (the preset with `overrides`, as given), and with
     `compare` the reference kernel with glibc's default allocator."""
     require_memory(config)
+    if options.compare_softmax and not config.model.adaptive_io:
+        raise ConfigError("--compare-softmax compares adaptive I/O: the model has none")
     allocator = not options.default_allocator
     shipped = _child(["train_step_case", config.to_dict(), options.steps], allocator)
     payload = {
@@ -430,8 +432,6 @@ def _compare_softmax(
     allocator: bool,
 ) -> str:
     """Time the same run with a plain embedding and full softmax; its line of the report."""
-    if not config.model.adaptive_io:
-        raise ConfigError("--compare-softmax compares adaptive I/O: the model has none")
     full = config.replace(model=config.model.replace(adaptive_io=False))
     vocab = config.model.vocab_size
     try:
