@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def original_state_dict(model: AllAttentionLM, vocab: Vocabulary, original_token
         "module.out_emb.bias": src["out.bias"][perm],
     }
     # key_pe (1, D, S): column S - delta holds p_delta.
-    key_pe = torch.empty(1, cfg.head_dim, cfg.attn_span)
+    key_pe = torch.empty(1, cfg.head_dim, cfg.attn_span, dtype=src["pos_emb"].dtype)
     for delta in range(1, cfg.attn_span + 1):
         key_pe[0, :, cfg.attn_span - delta] = src["pos_emb"][delta - 1]
     sd["module.key_pe"] = key_pe
@@ -398,3 +399,128 @@ def import_vocab(tmp_path, sd) -> tuple[str, ...]:
     )
     assert ckpt.vocab is not None
     return ckpt.vocab.tokens
+
+
+# -- four clusters, float64, against the original's layout read directly ---------------------
+# 39 words, word j seen (j % 4) + 1 times, plus <eos>: V = 40 = the checkpoint's vocab_size.
+WIDE_TRAIN = "".join(" ".join(f"w{j}" for j in range(39) if (j % 4) >= r) + "\n" for r in range(4))
+
+
+def wide_config(**changes) -> ModelConfig:
+    base = dict(adaptive_io=True, adaptive_cutoffs=(6, 13, 25), adaptive_div=2, vocab_size=40)
+    return config(**base | changes)
+
+
+def original_embed(sd: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The original's adaptive input, read from its layout: row of cluster i's table times
+    emb_projs.i transposed, times sqrt(d)."""
+    sizes = [
+        t.size(0)
+        for k, t in sd.items()
+        if re.fullmatch(r"module\.in_emb\.emb_layers\.\d+\.weight", k)
+    ]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    d = sd["module.in_emb.emb_projs.0"].size(0)
+    rows = []
+    for token in tokens.reshape(-1).tolist():
+        i = max(i for i, start in enumerate(starts) if token >= start)
+        row = sd[f"module.in_emb.emb_layers.{i}.weight"][token - starts[i]]
+        rows.append(row @ sd[f"module.in_emb.emb_projs.{i}"].t() * d**0.5)
+    return torch.stack(rows).view(*tokens.shape, d)
+
+
+def original_logprobs(sd: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """Every word's log-probability from the original's layout: the head is cluster 0's words
+    then one logit per tail cluster (`cluster_proj`), and tail cluster i adds the head's
+    column -i (so tail 1 takes the last one)."""
+    out = "module.out_emb."
+    k = sd[f"{out}cluster_proj.weight"].size(0)
+
+    def logits(i: int, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = sd[f"{out}out_layers.{i}.weight"], sd[f"{out}out_layers.{i}.bias"]
+        if i == 0:
+            weight = torch.cat([weight, sd[f"{out}cluster_proj.weight"]])
+            bias = torch.cat([bias, sd[f"{out}cluster_proj.bias"]])
+        return (x @ sd[f"{out}out_projs.{i}"]) @ weight.t() + bias
+
+    head = torch.log_softmax(logits(0, h), dim=-1)
+    parts = [head[..., :-k]]
+    parts += [
+        head[..., -i, None] + torch.log_softmax(logits(i, h), dim=-1) for i in range(1, k + 1)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_four_cluster_float64_import_equals_the_original_layout(tmp_path, tied):
+    (tmp_path / "train.txt").write_text(WIDE_TRAIN)
+    model = make_model(wide_config(adaptive_tied=tied)).double().eval()
+    original = write_word_original(tmp_path / "m.pt", model)
+    ckpt = import_original(original, tmp_path / "o.safetensors", train_txt=tmp_path / "train.txt")
+    cfg = ckpt.config
+    assert (cfg.adaptive_cutoffs, cfg.adaptive_div, cfg.adaptive_tied) == ((6, 13, 25), 2, tied)
+    assert cfg.adaptive_widths() == (16, 8, 4, 2) and cfg.vocab_size == 40
+    assert ckpt.vocab is not None and ckpt.vocab.tokens[:4] == (EOS, "w35", "w31", "w27")
+    imported, _ = checkpoint.load_model(tmp_path / "o.safetensors")
+    assert imported.pos_emb.dtype == torch.float64
+
+    sd = torch.load(original, weights_only=True)["model"]
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(40, (2, 33), generator=gen)
+    h = torch.randn(2, 33, 16, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            imported.adaptive.embed(tokens), original_embed(sd, tokens), rtol=0, atol=1e-9
+        )
+        theirs = original_logprobs(sd, h)
+        assert theirs.logsumexp(-1).abs().max() < 1e-9  # a distribution over all 40 words
+        torch.testing.assert_close(imported.adaptive.logprobs(h), theirs, rtol=0, atol=1e-9)
+        ours = imported(tokens, logprobs=True).logprobs
+        source = model(tokens, logprobs=True).logprobs
+    torch.testing.assert_close(ours, source, rtol=0, atol=1e-9)
+
+
+def test_word_level_vocab_in_the_original_order_is_accepted(tmp_path, capsys):
+    source = tmp_path / "wiki"
+    source.mkdir()
+    (source / "wiki.train.tokens").write_text(WORD_TRAIN)
+    (source / "wiki.valid.tokens").write_text("the cat\n")
+    (source / "wiki.test.tokens").write_text("a log\n")
+    data = tmp_path / "data"
+    argv = ["prepare", "wikitext-2", "--source", str(source), "--out", str(data)]
+    assert main([*argv, "--no-verify", "--quiet"]) == 0
+    original = write_word_original(tmp_path / "m.pt", make_model(word_config()))
+    out = tmp_path / "o.safetensors"
+    train = ["--train-txt", str(source / "wiki.train.tokens")]
+    argv = ["import-original", str(original), str(out), *train, "--vocab", str(data / "vocab.json")]
+    assert main(argv) == 0
+    assert "word vocabulary of 13" in capsys.readouterr().out
+    assert list(checkpoint.load(out).vocab.tokens) == WORD_ORDER
+
+    Vocabulary(tuple("abcdefghijklm"), "char").save(tmp_path / "chars.json")
+    argv = ["import-original", str(original), str(out), "--vocab", str(tmp_path / "chars.json")]
+    assert main([*argv, "--force"]) == 2
+    assert "char-level; the checkpoint has adaptive input/softmax" in _error(capsys)
+
+
+def test_word_level_layout_errors(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text(WORD_TRAIN)
+    sd = original_word_state_dict(make_model(word_config()))
+
+    def refused(state, *extra, message):
+        torch.save({"model": state}, tmp_path / "bad.pt")
+        argv = ["import-original", str(tmp_path / "bad.pt"), str(tmp_path / "o.safetensors")]
+        assert main([*argv, *extra]) == 2
+        assert message in _error(capsys)
+        assert not (tmp_path / "o.safetensors").exists()
+
+    train = ["--train-txt", str(tmp_path / "train.txt")]
+    rows = dict(sd, **{"module.out_emb.cluster_proj.weight": torch.zeros(3, 16)})
+    refused(rows, *train, message="expected (2, 16): one row per tail cluster")
+    bias = dict(sd, **{"module.out_emb.out_layers.1.bias": torch.zeros(5)})
+    refused(bias, *train, message="bias (5,) for 4 words")
+    refused(sd, *train, "--level", "char", message="which is word level, not char")
+    mixed = dict(sd, **{"module.key_pe": sd["module.key_pe"].double()})
+    refused(mixed, *train, message="are float32, float64; allattn imports weights that are all")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    refused(sd, "--train-txt", str(tmp_path / "latin1.txt"), message="not UTF-8")

@@ -2,17 +2,28 @@
 
 The original saves `torch.save({'model': state_dict, 'optimizer': ..., 'logger': ..., 'iter_no':
 ..., 'scheduler_iter': ...})` with the model wrapped (keys start with `module.`). Its token ids
-follow its prepared `train.txt` (whitespace-separated tokens, `<eos>` after every line): in
-order of first appearance (enwik8 bytes written as decimal numbers, text8 characters with space
-written as `_`), or, when the model has adaptive input/softmax (word level, WikiText-103), in
-descending order of count with ties in reverse first appearance, the order `allattn prepare`
-gives word-level corpora (DESIGN §2.8). Adaptive models store `in_emb.emb_layers.i` /
-`in_emb.emb_projs.i` and `out_emb.{cluster_proj, out_layers.i, out_projs.i}`; the cutoffs are
-the tables' cumulative sizes, the width divisor their ratio, and the output is tied when its
-tables and projections equal the input's. Their clusters are id ranges, so their ids are never
-permuted. This module maps those weights and ids onto an `AllAttentionLM` and a
-`Vocabulary`; options the file cannot tell (dropout, span ramp, span loss, adaptive cache) come
-from `ImportOptions`, whose defaults are the original's command-line defaults.
+follow its prepared `train.txt` (whitespace-separated tokens, `<eos>` after every line).
+
+Character level (enwik8, text8): `in_emb.weight`, `out_emb.{weight, bias}`; ids in order of first
+appearance (enwik8 bytes written as decimal numbers, text8 characters with space written as `_`).
+A `--vocab` in another order permutes the embedding and output rows.
+
+Word level (WikiText-103, `--adapt-io`): adaptive input and adaptive softmax, stored as
+`in_emb.emb_layers.i.weight` (size_i, d_i), `in_emb.emb_projs.i` (d, d_i),
+`out_emb.out_layers.i.{weight, bias}`, `out_emb.out_projs.i` and `out_emb.cluster_proj`. The
+cutoffs are the tables' cumulative sizes, the width divisor follows from d_i = d // div**i
+(checked for every cluster), and the output is tied (`--adapt-io-tied`) when every output table
+and projection equals the input's. The original numbers the words by count when adaptive I/O is
+on: descending count, ties in reverse order of first appearance, `<eos>` an ordinary token
+(DESIGN §2.8), the order `allattn prepare wikitext-103` gives; the vocabulary is built by the
+same code (`data.word_vocabulary`), so an imported model and a corpus prepared from the same
+files agree on every id. The clusters are id ranges, so these ids are never permuted: a
+`--vocab` in another order is refused. Without adaptive I/O the original numbers any
+`train.txt`, words too, by first appearance (the order is switched by that flag, not the level).
+
+Options the file cannot tell (dropout, span ramp, span loss, adaptive cache) come from
+`ImportOptions`, whose defaults are the original's command-line defaults (its WikiText-103 script
+also sets `--emb-dropout 0.1`; dropout does not change evaluation).
 """
 
 from __future__ import annotations
@@ -60,7 +71,9 @@ class ImportOptions(Settings):
     """Settings a checkpoint of the original code does not record (the original's defaults)."""
 
     dropout: float = setting(0.2, "attention dropout")
-    emb_dropout: float = setting(0.0, "embedding dropout")
+    emb_dropout: float = setting(
+        0.0, "embedding dropout (the original's word-level WikiText-103 script uses 0.1)"
+    )
     span_ramp: int = setting(32, "span ramp R")
     span_loss_coef: float = setting(0.0, "span loss coefficient")
     adapt_cache: bool = setting(
@@ -203,6 +216,13 @@ def convert_state_dict(
         raise OriginalFormatError(
             f"unexpected entries in the original state dict: {sorted(state)[:5]}"
         )
+    dtypes = {t.dtype for t in weights.values()}
+    if len(dtypes) > 1 or not dtypes <= set(checkpoint.WEIGHT_DTYPES):
+        names = sorted(str(t).removeprefix("torch.") for t in dtypes)
+        raise OriginalFormatError(
+            f"the original's weights are {', '.join(names)}; allattn imports weights that are "
+            "all float32 (or all float64)"
+        )
 
     try:
         config = ModelConfig(
@@ -236,30 +256,43 @@ def _adaptive_io(take: Any, state: dict[str, Tensor], weights: dict[str, Tensor]
         i = len(tables)
         tables.append(take(f"in_emb.emb_layers.{i}.weight"))
         projections.append(take(f"in_emb.emb_projs.{i}"))
-    d_model = projections[0].size(0)
-    widths = [t.size(1) for t in tables]
+    d_model = projections[0].size(0) if projections[0].dim() == 2 else -1
     for i, (table, projection) in enumerate(zip(tables, projections, strict=True)):
-        if table.dim() != 2 or projection.shape != (d_model, table.size(1)):
+        if (
+            table.dim() != 2
+            or projection.dim() != 2
+            or projection.shape != (d_model, table.size(1))
+        ):
             raise OriginalFormatError(
                 f"adaptive cluster {i}: table {tuple(table.shape)} and projection "
-                f"{tuple(projection.shape)} do not fit (expected (n, d_i) and ({d_model}, d_i))"
+                f"{tuple(projection.shape)} do not fit (expected (n, d_i) and (d, d_i))"
             )
+    widths = [t.size(1) for t in tables]
     div = widths[0] // widths[1] if len(widths) > 1 and widths[1] else 4
     if widths[0] != d_model or widths != [d_model // div**i for i in range(len(widths))]:
         raise OriginalFormatError(
             f"adaptive embedding widths {widths} are not d_model {d_model} divided by a power "
             "of one divisor"
         )
-    sizes = [t.size(0) for t in tables]
     tied = []
     for i, (table, projection) in enumerate(zip(tables, projections, strict=True)):
         weights[f"adaptive.tables.{i}.weight"] = table
         weights[f"adaptive.projections.{i}"] = projection
-        weights[f"adaptive.out_bias.{i}"] = take(f"out_emb.out_layers.{i}.bias")
         out_table = take(f"out_emb.out_layers.{i}.weight")
         out_projection = take(f"out_emb.out_projs.{i}")
-        same = torch.equal(out_table, table) and torch.equal(out_projection, projection)
-        tied.append(same)
+        bias = take(f"out_emb.out_layers.{i}.bias")
+        if out_table.shape != table.shape or out_projection.shape != projection.shape:
+            raise OriginalFormatError(
+                f"adaptive output cluster {i}: table {tuple(out_table.shape)} and projection "
+                f"{tuple(out_projection.shape)}, the input's {tuple(table.shape)} and "
+                f"{tuple(projection.shape)}"
+            )
+        if bias.shape != (table.size(0),):
+            raise OriginalFormatError(
+                f"adaptive output cluster {i}: bias {tuple(bias.shape)} for {table.size(0)} words"
+            )
+        weights[f"adaptive.out_bias.{i}"] = bias
+        tied.append(_same(out_table, table) and _same(out_projection, projection))
         weights[f"adaptive.out_tables.{i}"] = out_table
         weights[f"adaptive.out_projections.{i}"] = out_projection
     if len(set(tied)) > 1:
@@ -270,17 +303,34 @@ def _adaptive_io(take: Any, state: dict[str, Tensor], weights: dict[str, Tensor]
     if tied[0]:
         for i in range(len(tables)):
             del weights[f"adaptive.out_tables.{i}"], weights[f"adaptive.out_projections.{i}"]
-    weights["adaptive.cluster.weight"] = take("out_emb.cluster_proj.weight")
+    cluster = weights["adaptive.cluster.weight"] = take("out_emb.cluster_proj.weight")
     weights["adaptive.cluster.bias"] = take("out_emb.cluster_proj.bias")
-    cutoffs = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    if cluster.shape != (len(tables) - 1, d_model):
+        raise OriginalFormatError(
+            f"out_emb.cluster_proj.weight has shape {tuple(cluster.shape)}, expected "
+            f"({len(tables) - 1}, {d_model}): one row per tail cluster"
+        )
+    sizes = [t.size(0) for t in tables]
     return {
         "vocab_size": sum(sizes),
         "d_model": d_model,
         "adaptive_io": True,
-        "adaptive_cutoffs": tuple(cutoffs),
+        "adaptive_cutoffs": tuple(sum(sizes[: i + 1]) for i in range(len(sizes) - 1)),
         "adaptive_div": div,
         "adaptive_tied": tied[0],
     }
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """`a` and `b` are one tensor (tied parameters saved together share storage) or equal."""
+    shared = (
+        a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+    )
+    return shared or (a.dtype == b.dtype and torch.equal(a, b))
 
 
 def permute_vocabulary(
@@ -307,19 +357,18 @@ def permute_vocabulary(
 def _original_vocabulary(train_txt: str | Path, level: str, config: ModelConfig) -> Vocabulary:
     """The original's vocabulary of `train_txt` for a checkpoint of `config`: count order for
     adaptive input/softmax (always word level), else first appearance."""
-    if config.adaptive_io:
-        if level not in ("auto", "word"):
-            raise OriginalFormatError(
-                f"the checkpoint has adaptive input/softmax, which is word level, not {level}"
-            )
-        try:
+    if config.adaptive_io and level not in ("auto", "word"):
+        raise OriginalFormatError(
+            f"the checkpoint has adaptive input/softmax, which is word level, not {level}"
+        )
+    try:
+        if config.adaptive_io:  # allattn's own word-level numbering: `prepare` agrees by design
             with open(train_txt, encoding="utf-8") as f:  # universal newlines, as the original
-                vocab = word_vocabulary(f)
-        except (CorpusError, OSError) as error:
-            raise OriginalFormatError(f"{train_txt}: {error}") from None
-        tokens = list(vocab.tokens)
-    else:
-        tokens = read_original_vocabulary(train_txt)
+                tokens = list(word_vocabulary(f).tokens)
+        else:
+            tokens = read_original_vocabulary(train_txt)
+    except (CorpusError, OSError, UnicodeDecodeError) as error:
+        raise OriginalFormatError(f"{train_txt}: {error}") from None
     if len(tokens) != config.vocab_size:
         raise OriginalFormatError(
             f"{train_txt} has {len(tokens)} distinct tokens, the checkpoint {config.vocab_size}"
@@ -371,6 +420,11 @@ def import_original(
             if len(target) != config.vocab_size:
                 raise OriginalFormatError(
                     f"{vocab} has {len(target)} tokens, the checkpoint {config.vocab_size}"
+                )
+            if config.adaptive_io and target.level != "word":
+                raise OriginalFormatError(
+                    f"{vocab} is {target.level}-level; the checkpoint has adaptive "
+                    "input/softmax, which is word level"
                 )
     except VocabularyError as error:
         raise OriginalFormatError(str(error)) from None
