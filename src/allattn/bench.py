@@ -437,7 +437,7 @@ def _compare_softmax(
     try:
         require_memory(full)
         result = _child(["train_step_case", full.to_dict(), options.steps], allocator)
-    except (BenchError, MemoryError) as error:
+    except (BenchError, ConfigError, MemoryError) as error:  # too large to run here
         payload["full_softmax"] = {"failed": str(error)}
         return f"full softmax over {vocab:,} tokens: did not run ({error})"
     payload["full_softmax"] = result
