@@ -19,7 +19,18 @@ from typing import Any, NoReturn
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import __version__, bench, checkpoint, evaluate, flags, generate, prepare, runtime, train
+from . import (
+    __version__,
+    bench,
+    checkpoint,
+    distributed,
+    evaluate,
+    flags,
+    generate,
+    prepare,
+    runtime,
+    train,
+)
 from .checkpoint import verify_setting
 from .config import (
     ModelConfig,
@@ -100,10 +111,11 @@ def _run_train(args: argparse.Namespace) -> int:
         fallback=options.fallback,
         verify=options.verify,
     )
-    print(
-        f"trained to step {result.step}: last validation "
-        f"{measure(result.level).format(result.valid_loss)}; checkpoints in {result.run_dir}"
-    )
+    if distributed.detect().main:  # under torchrun: rank 0 speaks for the job
+        print(
+            f"trained to step {result.step}: last validation "
+            f"{measure(result.level).format(result.valid_loss)}; checkpoints in {result.run_dir}"
+        )
     return 0
 
 
@@ -115,6 +127,8 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
 def _run_eval(args: argparse.Namespace) -> int:
     config = flags.settings(evaluate.EvalConfig, args)
     result = evaluate.run(config, _runtime(args))
+    if not distributed.detect().main:  # under torchrun: rank 0 speaks for the job
+        return 0
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -357,16 +371,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime.keep_allocations()  # reuse freed memory: no fresh mmap per large tensor
         args, extra = build_parser().parse_known_args(argv)
-        _configure_logging(args.quiet)
+        _configure_logging(args.quiet or not distributed.detect().main)  # rank 0's log only
         flags.reject_extra(extra, args.sections)
         with logging_redirect_tqdm([logging.getLogger("allattn")]):  # lines above the bar
             return args.handler(args)
     except (UsageError, ValueError, OSError, MemoryError) as error:
-        print(_one_line(error), file=sys.stderr)
+        if not distributed.reported_by_main(error):
+            print(_one_line(error), file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(f"allattn: {stop.message}", file=sys.stderr)
+        if not distributed.reported_by_main(stop):
+            print(f"allattn: {stop.message}", file=sys.stderr)
         return stop.status
+    except distributed.DistributedError as error:  # a lost peer or a timeout: not bad input
+        print(_one_line(error), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("allattn: interrupted", file=sys.stderr)
         return 130

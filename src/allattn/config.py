@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Self
 
 AttnImpl = Literal["auto", "chunked", "reference"]
 Optimizer = Literal["adagrad", "adam"]
-Dtype = Literal["float32", "bfloat16"]
+Dtype = Literal["float32", "bfloat16", "float64"]
 CheckpointChoice = Literal["best", "last"]
 
 DEFAULT_PRESET = "tiny"
@@ -381,7 +381,9 @@ class RuntimeConfig(Settings):
 
     device: str = setting("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
     dtype: Dtype = setting(
-        "float32", "float32, or bfloat16 autocast (softmax statistics in float32)"
+        "float32",
+        "float32, bfloat16 autocast (softmax statistics in float32), or float64 (weights and "
+        "arithmetic; for checks against the reference, slow)",
     )
     attn_impl: AttnImpl = setting(
         "auto",
@@ -396,7 +398,17 @@ class RuntimeConfig(Settings):
         "matrix products 10x slower; process-wide (torch.set_flush_denormal)",
     )
 
+    dist_timeout_s: float = setting(
+        600.0,
+        "data-parallel runs: how long the rendezvous or any collective waits for the other "
+        "processes before the job stops with an error (seconds)",
+    )
+
     def validate(self) -> None:
+        _require(
+            math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0,
+            f"--runtime.dist_timeout_s ({self.dist_timeout_s}) must be a positive number",
+        )
         _require(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device) is not None,
             f"--runtime.device ({self.device}) must be auto, cpu, cuda or cuda:N",

@@ -6,6 +6,9 @@ Blocks start at p = 0, M, 2M, ... while p + M <= T - 1, so every stream scores
 floor((T - 1) / M) * M targets; never scored are the last partial block of each stream, the
 first token of each stream, and the len mod B_eval tokens that batchify drops. The result is the
 mean of the per-block mean losses, which equals the mean over scored tokens (all blocks full).
+
+Under torchrun (DESIGN §3.0a) each of the W processes scores B_eval/W of the streams and the
+sums are all-reduced, so the result is the single process's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from . import checkpoint, runtime
+from . import checkpoint, distributed, runtime
 from .checkpoint import verify_setting
 from .config import CheckpointChoice, RuntimeConfig, Settings, TrainConfig, setting
 from .data import Corpus, CorpusError, Split, batchify, full_blocks, load_corpus
@@ -111,18 +114,22 @@ def evaluate(
     dtype: str = "float32",
     level: str = "char",
 ) -> EvalResult:
-    """Score `ids` (1-D) as DESIGN §3 says; the model's device and dtype are used."""
+    """Score `ids` (1-D) as DESIGN §3 says; the model's device and dtype are used. In a
+    data-parallel session this rank scores its share of the streams and every rank gets the
+    whole result."""
     n_blocks = _full_blocks(len(ids), batch_size, block_size, split)
+    world = distributed.current()
+    rows = world.shard(batch_size, "the evaluation batch size (--batch-size)")
     device = next(model.parameters()).device
     model.eval()
-    cache = model.init_cache(batch_size)
+    cache = model.init_cache(batch_size // world.size)
     total = torch.zeros((), dtype=torch.float64, device=device)
     with runtime.autocast(device, dtype):
-        for x, y in full_blocks(batchify(ids, batch_size, split), block_size):
+        for x, y in full_blocks(batchify(ids, batch_size, split)[rows], block_size):
             out = model(x.to(device), y.to(device), cache)
             cache = out.cache
-            total += out.loss.double()
-    loss = total.item() / n_blocks
+            total += out.loss.double()  # this rank's streams' mean loss of the block
+    loss = distributed.all_reduce_sum(total).item() / (n_blocks * world.size)
     return EvalResult(
         split=split,
         tokens=n_blocks * block_size * batch_size,
@@ -132,7 +139,38 @@ def evaluate(
 
 
 def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> EvalResult:
-    """Evaluate a checkpoint on a split of its data (or of `config.data`)."""
+    """Evaluate a checkpoint on a split of its data (or of `config.data`); under torchrun
+    every process calls it and gets the result."""
+    runtime_config = runtime_config or RuntimeConfig()
+    with distributed.session(runtime_config) as world:
+        with distributed.agreement():
+            ckpt, ids, batch_size, block_size, level = _prepare(config)
+            chosen = runtime.resolve(runtime_config, world.gpu_slot)
+            model = ckpt.build_model(chosen.attn_impl).to(chosen.device, chosen.weight_dtype)
+        log.info(
+            "%s, %s split, %d streams of blocks of %d%s",
+            checkpoint.describe(ckpt),
+            config.split,
+            batch_size,
+            block_size,
+            f" over {world.size} processes" if world.distributed else "",
+        )
+        chosen.log()
+        result = evaluate(
+            model,
+            ids,
+            batch_size=batch_size,
+            block_size=block_size,
+            split=config.split,
+            dtype=chosen.dtype,
+            level=level,
+        )
+    result.checkpoint = str(ckpt.path)
+    return result
+
+
+def _prepare(config: EvalConfig) -> tuple[checkpoint.Checkpoint, np.ndarray, int, int, str]:
+    """The checkpoint, the split's ids, the streams, the block size and the level, checked."""
     ckpt = checkpoint.load(config.checkpoint, config.select, config.verify)
     run = ckpt.run_config
     data = config.data
@@ -153,24 +191,5 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
         batch_size = (run.train if run is not None else TrainConfig()).eval_batch_size
     ids = corpus.splits[config.split]
     _full_blocks(len(ids), batch_size, block_size, config.split)
-    chosen = runtime.resolve(runtime_config or RuntimeConfig())
-    model = ckpt.build_model(chosen.attn_impl).to(chosen.device)
-    log.info(
-        "%s, %s split, %d streams of blocks of %d",
-        checkpoint.describe(ckpt),
-        config.split,
-        batch_size,
-        block_size,
-    )
-    chosen.log()
-    result = evaluate(
-        model,
-        ids,
-        batch_size=batch_size,
-        block_size=block_size,
-        split=config.split,
-        dtype=chosen.dtype,
-        level=corpus.vocab.level,
-    )
-    result.checkpoint = str(ckpt.path)
-    return result
+    distributed.current().shard(batch_size, "the evaluation batch size (--batch-size)")
+    return ckpt, ids, batch_size, block_size, corpus.vocab.level

@@ -44,13 +44,29 @@ def keep_allocations() -> bool:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; asking for CUDA without it is an error."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` is CUDA when available, else the CPU; asking for CUDA without it is an error.
+
+    In a data-parallel job (`local_rank` given) each process takes the GPU of its local rank:
+    `auto` and `cuda` mean cuda:LOCAL_RANK, and a fixed cuda:N is refused."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--runtime.device {name}: CUDA is not available")
-    return torch.device(name)
+    if local_rank is None or name == "cpu":
+        return torch.device(name)
+    if name != "cuda":
+        raise ConfigError(
+            f"--runtime.device {name}: in a data-parallel job each process uses the GPU of its "
+            "local rank; pass --runtime.device cuda (or auto)"
+        )
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"local rank {local_rank} needs GPU {local_rank}, and this node has {count}: "
+            f"start at most {count} processes per node (--nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def memory_of(device: torch.device) -> int | None:
@@ -75,7 +91,7 @@ def require_memory(nbytes: int, device_name: str, what: str = "the run") -> None
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on `device`, or nothing for float32."""
+    """bfloat16 autocast on `device`, or nothing for float32 and float64."""
     if dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -107,6 +123,12 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the weights: float64 in a float64 run, else float32 (bfloat16 is an
+        autocast over float32 weights)."""
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
     def log(self) -> None:
         """Say which kernel runs and why (once the command's input is known to be good)."""
         log.info(
@@ -119,9 +141,10 @@ class Runtime:
         )
 
 
-def resolve(config: RuntimeConfig) -> Runtime:
-    """The device, precision and kernel of `config`."""
-    device = resolve_device(config.device)
+def resolve(config: RuntimeConfig, local_rank: int | None = None) -> Runtime:
+    """The device, precision and kernel of `config` (for the process of `local_rank` in a
+    data-parallel job)."""
+    device = resolve_device(config.device, local_rank)
     impl, reason = choose_attn_impl(config.attn_impl, config.dtype)
     flush = False
     if device.type == "cpu":

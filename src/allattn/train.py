@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import atomic, checkpoint, lock, runtime, signals
+from . import atomic, checkpoint, distributed, lock, runtime, signals
 from .checkpoint import BEST, LAST, CheckpointError, verify_setting
 from .config import (
     DEFAULT_PRESET,
@@ -145,7 +145,7 @@ def describe(config: RunConfig) -> str:
 
 
 def run_block(
-    model: AllAttentionLM,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     cache: Cache,
@@ -155,16 +155,19 @@ def run_block(
 ) -> tuple[float, Cache]:
     """Forward (and backward) of one block in `batch_split` slices; returns the data loss.
 
-    Each slice's loss (data + span term) is divided by the number of slices, so the gradients
-    add up to the whole batch's and the span term counts once.
+    `model` is the `AllAttentionLM` or its data-parallel wrapper (`distributed.wrap`), whose
+    gradients are averaged over the ranks in the last slice's backward only. Each slice's loss
+    (data + span term) is divided by the number of slices, so the gradients add up to the whole
+    batch's and the span term counts once.
     """
     slices = torch.arange(x.size(0)).chunk(batch_split)
     losses, caches = [], []
-    for rows in slices:
-        with amp:
+    for i, rows in enumerate(slices):
+        accumulate = backward and i < len(slices) - 1
+        with distributed.no_sync(model) if accumulate else contextlib.nullcontext(), amp:
             out = model(x[rows], y[rows], [c[rows] for c in cache])
-        if backward:
-            ((out.loss + out.span_loss) / batch_split).backward()
+            if backward:
+                ((out.loss + out.span_loss) / batch_split).backward()
         losses.append(out.loss.detach())
         caches.append(out.cache)
     new_cache = caches[0] if batch_split == 1 else [torch.cat(c) for c in zip(*caches, strict=True)]
@@ -182,28 +185,48 @@ class TrainResult:
 
 
 class Trainer:
-    """The state of a run: model, optimiser, streams and caches, and the step count."""
+    """The state of a run: model, optimiser, streams and caches, and the step count.
+
+    In a data-parallel job (DESIGN §3.0a) each rank holds the same model and optimiser and
+    owns B/W of the B streams with their caches; the wrap-around offsets are drawn by the same
+    seeded generator on every rank, so all streams move together as in one process.
+    """
 
     def __init__(self, config: RunConfig, corpus: Corpus, run_dir: Path | None) -> None:
         self.config = config
         self.corpus = corpus
         self.run_dir = run_dir
         train = config.train
-        self.runtime = runtime.resolve(config.runtime)
+        self.world = distributed.current()
+        batch = train.batch_size
+        self.rows = self.world.shard(batch, "--train.batch_size")
+        """The streams this rank owns."""
+        local = batch // self.world.size
+        if local % train.batch_split:
+            raise ConfigError(
+                f"--train.batch_split {train.batch_split} does not divide the {local} streams "
+                f"of each of {self.world.size} processes"
+            )
+        self.runtime = runtime.resolve(config.runtime, self.world.gpu_slot)
         self.device = self.runtime.device
         self.amp = self.runtime.autocast()
-        torch.manual_seed(train.seed)
-        self.model = AllAttentionLM(config.model, self.runtime.attn_impl).to(self.device)
+        torch.manual_seed(train.seed)  # the same initial weights on every rank
+        self.model = AllAttentionLM(config.model, self.runtime.attn_impl).to(
+            self.device, self.runtime.weight_dtype
+        )
+        if self.world.distributed:  # dropout: each rank its own stream
+            torch.manual_seed(distributed.rank_seed(train.seed, self.world.rank))
+        self.module = distributed.wrap(self.model, self.device)
+        """What the training forward runs: the model, or its data-parallel wrapper."""
         self.optimizer = Optimizer(self.model.parameters(), config.optim)
-        batch = train.batch_size
         self.train_streams = Streams(
-            corpus.streams("train", batch), train.block_size, train.seed + 1, "train"
+            corpus.streams("train", batch)[self.rows], train.block_size, train.seed + 1, "train"
         )
         self.valid_streams = Streams(
-            corpus.streams("valid", batch), train.block_size, train.seed + 2, "valid"
+            corpus.streams("valid", batch)[self.rows], train.block_size, train.seed + 2, "valid"
         )
-        self.train_cache = self.model.init_cache(batch)
-        self.valid_cache = self.model.init_cache(batch)
+        self.train_cache = self.model.init_cache(local)
+        self.valid_cache = self.model.init_cache(local)
         valid_length = self.valid_streams.tokens.shape[1]
         self.valid_blocks = min(
             max(1, train.eval_interval // 10), math.ceil(valid_length / train.block_size)
@@ -217,11 +240,11 @@ class Trainer:
 
     # -- one step and one validation ---------------------------------------------------------
     def _next_block(self, streams: Streams, cache: Cache, backward: bool) -> tuple[float, Cache]:
-        """Read the next block of `streams` and run it; the caches are zeroed in place (lengths
-        kept) when the streams wrap around after it."""
+        """Read the next block of `streams` and run it (this rank's loss); the caches are zeroed
+        in place (lengths kept) when the streams wrap around after it."""
         x, y, wrapped = streams.next_block()
         loss, cache = run_block(
-            self.model,
+            self.module if backward else self.model,
             x.to(self.device),
             y.to(self.device),
             cache,
@@ -240,6 +263,7 @@ class Trainer:
         self.model.train()
         step = self.step + 1
         loss, self.train_cache = self._next_block(self.train_streams, self.train_cache, True)
+        (loss,) = distributed.mean(loss)  # every rank sees the same loss, and stops on it
         if not math.isfinite(loss):
             raise NonFiniteError(f"the training loss is {loss} at step {step}")
         stats = self.optimizer.step()
@@ -269,7 +293,7 @@ class Trainer:
         for _ in range(self.valid_blocks):
             loss, self.valid_cache = self._next_block(self.valid_streams, self.valid_cache, False)
             total += loss
-        valid_loss = total / self.valid_blocks
+        (valid_loss,) = distributed.mean(total / self.valid_blocks)  # equal streams per rank
         if not math.isfinite(valid_loss):
             raise NonFiniteError(f"the validation loss is {valid_loss} at step {self.step}")
         return valid_loss
@@ -281,11 +305,24 @@ class Trainer:
         return mean
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, Tensor]:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        return rng
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything `load_state_dict` needs to continue exactly: all B streams' caches and
+        position, every rank's random state, the optimiser. Under data parallelism every rank
+        calls it (the caches and random states are gathered) and the main rank gets the state,
+        the others None."""
+        rng = self._rng_state()
+        ranks_rng = distributed.gather_objects(rng)
+        train_cache = [distributed.gather_rows(c) for c in self.train_cache]
+        valid_cache = [distributed.gather_rows(c) for c in self.valid_cache]
+        if not self.world.main:
+            return None
+        state = {
             "step": self.step,
             "best_valid_loss": self.best_valid_loss,
             "best_step": self.best_step,
@@ -294,10 +331,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "train_streams": self.train_streams.state_dict(),
             "valid_streams": self.valid_streams.state_dict(),
-            "train_cache": self.train_cache,
-            "valid_cache": self.valid_cache,
+            "train_cache": train_cache,
+            "valid_cache": valid_cache,
             "rng": rng,
+            "world_size": self.world.size,
         }
+        if self.world.distributed:
+            state["rank_rng"] = ranks_rng
+        return state
 
     def load_state_dict(self, state: dict[str, Any], exact: bool) -> None:
         """Restore a `state_dict`; `ValueError` (and nothing changed in the streams and caches)
@@ -323,13 +364,29 @@ class Trainer:
         self.interval_steps = int(state.get("interval_steps", 0))
         if not exact:  # the original: data from position 0, zero caches
             return
+        saved_world = state.get("world_size", 1)
+        if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+            raise ValueError(f"world size {saved_world!r}")
+        if saved_world == self.world.size:
+            rng = state["rank_rng"][self.world.rank] if self.world.distributed else state["rng"]
         self.train_streams.load_state_dict(state["train_streams"])
         self.valid_streams.load_state_dict(state["valid_streams"])
-        self.train_cache = [c.to(self.device) for c in state["train_cache"]]
-        self.valid_cache = [c.to(self.device) for c in state["valid_cache"]]
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        dtype = self.runtime.weight_dtype
+        self.train_cache = [c[self.rows].to(self.device, dtype) for c in state["train_cache"]]
+        self.valid_cache = [c[self.rows].to(self.device, dtype) for c in state["valid_cache"]]
+        if saved_world != self.world.size:  # the dropout streams of other ranks: draw afresh
+            torch.manual_seed(distributed.rank_seed(self.config.train.seed, self.world.rank, step))
+            if self.world.main:
+                log.info(
+                    "resuming on %d processes a run saved by %d: data, caches and weights "
+                    "continue exactly, dropout draws afresh from the seed, rank and step",
+                    self.world.size,
+                    saved_world,
+                )
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _check_cache(self, name: str, cache: Any) -> None:
         """One (B, C, d) tensor per layer, C at most the layer's span (caches shrink and grow
@@ -355,18 +412,33 @@ class Trainer:
         return meta
 
     def save(self, name: str, meta: dict[str, Any]) -> None:
-        """Write the run's state to `run_dir/name`; never non-finite weights."""
+        """Write the run's state to `run_dir/name` (every rank calls it, the main rank writes);
+        never non-finite weights."""
+        state = self.checkpoint_state()
+        with distributed.agreement():
+            self.write(name, meta, state)
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """The state to write (`state_dict`, gathered on the main rank), once the weights are
+        known to be finite; every rank calls it."""
         if self.run_dir is None:
             raise ValueError("this trainer has no run directory to save to")
         bad = self.nonfinite_weight()
         if bad is not None:
             raise NonFiniteError(f"weight {bad} is NaN or infinite at step {self.step}")
+        return self.state_dict()
+
+    def write(self, name: str, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """The main rank writes the checkpoint `run_dir/name` of `checkpoint_state`'s state."""
+        if not self.world.main:
+            return
+        assert self.run_dir is not None and state is not None
         checkpoint.save(
             self.run_dir / name,
             self.model,
             vocab=self.corpus.vocab,
             meta=meta,
-            state=self.state_dict(),
+            state=state,
             run_config=self.config,
         )
 
@@ -413,8 +485,31 @@ def run(
     verify: bool = True,
 ) -> TrainResult:
     """Train (or continue training) into `run_dir`, which the run holds alone (`lock`);
-    returns the final losses. `fallback`: resume from `best` if `last` fails its checks."""
+    returns the final losses. `fallback`: resume from `best` if `last` fails its checks.
+
+    Under torchrun every process calls it (`distributed.session` joins the job); the main
+    rank holds the lock and writes the directory, the others only read (a resumed run's
+    checkpoint, so the run directory must be visible to every node). A failure of the set-up
+    on any rank stops all ranks with its message."""
     run_dir = Path(run_dir)
+    with distributed.session(config.runtime) as world, contextlib.ExitStack() as held:
+        with distributed.agreement():
+            trainer, metrics = _start(config, run_dir, held, resume, overwrite, fallback, verify)
+        return _loop(trainer, trainer.config, metrics, progress and world.main, run_dir)
+
+
+def _start(
+    config: RunConfig,
+    run_dir: Path,
+    held: contextlib.ExitStack,
+    resume: bool,
+    overwrite: bool,
+    fallback: bool,
+    verify: bool,
+) -> tuple[Trainer, MetricsLog | None]:
+    """Check the request, take the run directory (main rank: lock, repairs) and build the
+    trainer, resumed if asked; the metrics log is the main rank's only."""
+    main = distributed.current().main
     last = run_dir / LAST
     if last.exists() and not (resume or overwrite):
         raise ConfigError(
@@ -435,28 +530,32 @@ def run(
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
     require_memory(config)
-    with lock.hold(run_dir):
+    metrics = None
+    if main:
+        held.enter_context(lock.hold(run_dir))
         for path in atomic.remove_stale(run_dir):
             log.info("removed %s, left by an interrupted write", path)
-        trainer = Trainer(config, corpus, run_dir)
         metrics = MetricsLog(run_dir)
-        if resume:
-            _resume(trainer, metrics, fallback, verify)
-        else:
-            metrics.clear()
-            for name in (BEST, LAST):
-                (run_dir / name).unlink(missing_ok=True)
+    trainer = Trainer(config, corpus, run_dir)
+    if resume:
+        _resume(trainer, metrics, fallback, verify)
+    elif metrics is not None:
+        metrics.clear()
+        for name in (BEST, LAST):
+            (run_dir / name).unlink(missing_ok=True)
+    if main:
         atomic.write_bytes(run_dir / CONFIG, config.to_toml().encode())
-        log.info(
-            "%s model, %s parameters, %d train tokens, vocabulary %d, device %s",
-            config.model.kind,
-            f"{trainer.model.num_parameters():,}",
-            corpus.splits["train"].size,
-            len(corpus.vocab),
-            trainer.device,
-        )
-        trainer.runtime.log()
-        return _loop(trainer, config, metrics, progress, run_dir)
+    log.info(
+        "%s model, %s parameters, %d train tokens, vocabulary %d, device %s%s",
+        config.model.kind,
+        f"{trainer.model.num_parameters():,}",
+        corpus.splits["train"].size,
+        len(corpus.vocab),
+        trainer.device,
+        f", {trainer.world.size} processes" if trainer.world.distributed else "",
+    )
+    trainer.runtime.log()
+    return trainer, metrics
 
 
 def require_memory(config: RunConfig) -> None:
@@ -469,9 +568,10 @@ def require_memory(config: RunConfig) -> None:
     runtime.require_memory(4 * (params * (2 + moments) + cache), config.runtime.device)
 
 
-def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool) -> None:
+def _resume(trainer: Trainer, metrics: MetricsLog | None, fallback: bool, verify: bool) -> None:
     """Load the run's `last` checkpoint (or with `fallback`, `best` when `last` is unusable),
-    check that it fits, restore it, repair `best` and the metrics log."""
+    check that it fits, restore it; the main rank (the one with `metrics`) repairs `best` and
+    the metrics log."""
     run_dir = trainer.run_dir
     assert run_dir is not None
     last, best = run_dir / LAST, run_dir / BEST
@@ -491,6 +591,8 @@ def _resume(trainer: Trainer, metrics: MetricsLog, fallback: bool, verify: bool)
             best,
             trainer.step,
         )
+    if metrics is None:
+        return
     copied = checkpoint.step_of(best) == trainer.best_step
     if trainer.best_step == trainer.step and saved.path == last and not copied:
         atomic.copy_file(last, best)  # killed between writing `last` and copying it
@@ -526,7 +628,11 @@ def _restore(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Check
 
 
 def _loop(
-    trainer: Trainer, config: RunConfig, metrics: MetricsLog, progress: bool, run_dir: Path
+    trainer: Trainer,
+    config: RunConfig,
+    metrics: MetricsLog | None,
+    progress: bool,
+    run_dir: Path,
 ) -> TrainResult:
     train = config.train
     tokens_per_step = train.batch_size * train.block_size
@@ -536,6 +642,7 @@ def _loop(
     interval_start, interval_first_step = start, trainer.step
     stats: dict[str, float] = {}
     saved_step = trainer.step  # the step `last` holds
+    stop = 0  # the signal every rank stops for (a signal to any rank stops all after a step)
     with (
         signals.deferred() as pending,
         tqdm(
@@ -548,7 +655,8 @@ def _loop(
         ) as bar,
     ):
         while trainer.step < train.steps:
-            if pending.signum is not None:
+            stop = distributed.largest(pending.signum or 0)
+            if stop:
                 break
             try:
                 loss, stats = trainer.train_step()
@@ -579,13 +687,16 @@ def _loop(
                 bar.set_postfix(postfix, refresh=False)
             if validating:
                 interval_start, interval_first_step = time.perf_counter(), trainer.step
-        if pending.signum is not None and trainer.step < train.steps:  # (finished: no stop)
+        if stop:  # (a signal after the last step does not stop: the run is finished)
             if saved_step != trainer.step:
                 trainer.save(LAST, trainer.meta())
             bar.close()
-            pending.check(
-                f"stopped by {signal.Signals(pending.signum).name} after step {trainer.step}; "
-                f"{run_dir / LAST} holds it (continue with --resume)"
+            raise distributed.leave_report_to_main(
+                signals.Interrupted(
+                    stop,
+                    f"stopped by {signal.Signals(stop).name} after step {trainer.step}; "
+                    f"{run_dir / LAST} holds it (continue with --resume)",
+                )
             )
     return TrainResult(
         step=trainer.step,
@@ -598,7 +709,7 @@ def _loop(
 
 def _validate(
     trainer: Trainer,
-    metrics: MetricsLog,
+    metrics: MetricsLog | None,
     stats: dict[str, float],
     train_loss: float,
     interval_steps: int,
@@ -606,7 +717,8 @@ def _validate(
     start: float,
 ) -> float:
     """Validate, log, and write the checkpoints, in the order that keeps them consistent
-    whenever the process dies: the metrics record, then `last`, then `best` as a copy."""
+    whenever the process dies: the metrics record, then `last`, then `best` as a copy (the
+    main rank writes, after every rank has contributed its streams' state)."""
     valid_loss = trainer.validate()
     train = trainer.config.train
     now = time.perf_counter()
@@ -627,11 +739,14 @@ def _validate(
     improved = valid_loss < trainer.best_valid_loss
     if improved:
         trainer.best_valid_loss, trainer.best_step = valid_loss, trainer.step
-    metrics.append(record)
-    trainer.save(LAST, trainer.meta(valid_loss))
-    if improved:
-        assert trainer.run_dir is not None
-        atomic.copy_file(trainer.run_dir / LAST, trainer.run_dir / BEST)
+    state = trainer.checkpoint_state()
+    with distributed.agreement():
+        if metrics is not None:
+            metrics.append(record)
+        trainer.write(LAST, trainer.meta(valid_loss), state)
+        if improved and metrics is not None:
+            assert trainer.run_dir is not None
+            atomic.copy_file(trainer.run_dir / LAST, trainer.run_dir / BEST)
     log.info(
         "step %d: train %s, valid %s, lr %.3g, span %.0f/%.0f, %s tok/s",
         trainer.step,
