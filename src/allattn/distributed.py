@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,9 @@ LOST_PEER = (
 )
 """How gloo and NCCL word a vanished peer or a timed-out collective in the RuntimeErrors that
 DDP's gradient reduction raises (other failures arrive as `torch.distributed.DistError`)."""
+
+_SETTLE_S = 0.05
+"""How long a closing session lets the backend's threads finish (`session`)."""
 
 
 class LaunchError(ConfigError):
@@ -185,6 +189,11 @@ def session(config: RuntimeConfig) -> Iterator[World]:
         raise DistributedError(_lost(error)) from None
     finally:
         _world, _device = World(), torch.device("cpu")
+        # A gloo worker thread frees each finished collective's tensors, which takes the GIL,
+        # a moment after the caller saw it complete; the process group's destructor (run
+        # with the GIL held when DDP's reducer drops the last reference) joins those threads.
+        # Idle first, so the two cannot deadlock (pytorch/pytorch#56297).
+        time.sleep(_SETTLE_S)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

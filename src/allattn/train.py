@@ -16,6 +16,14 @@ record beyond `last` is dropped and written again; a `best` not yet copied is co
 `last`, whose metadata records the best step). SIGINT/SIGTERM finish the step, save it to `last`
 and stop. A non-finite loss or weight stops the run at the step it appears, before any file is
 written.
+
+Data parallelism (DESIGN §3.0a, `distributed`): under torchrun each of W processes owns B/W of
+the B streams, with their caches, and DDP averages the gradients, so the update is the one of a
+single process reading all B streams. Losses and validation sums are all-reduced; rank 0 alone
+writes files, from a state gathered from every rank (all caches, every rank's RNG), so a run
+resumes on any world size that divides B. Every step starts with the ranks agreeing whether to
+stop (a signal seen by any of them stops all at the same step), and every file write ends with
+them agreeing that it succeeded.
 """
 
 from __future__ import annotations
