@@ -61,8 +61,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
-        print(json.dumps(train(one, 1, args.device, args.steps, torchrun=False)), flush=True)
-        print(json.dumps(train(many, args.nproc, args.device, args.steps, torchrun=True)), flush=True)
+        for run, nproc, torchrun in ((one, 1, False), (many, args.nproc, True)):
+            print(json.dumps(train(run, nproc, args.device, args.steps, torchrun)), flush=True)
         a, b = (checkpoint.load(r / "last.safetensors").weights for r in (many, one))
     relative = max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)).item() for k in a)
     ok = relative <= args.tolerance

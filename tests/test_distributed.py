@@ -249,6 +249,7 @@ def test_a_batch_that_does_not_divide_into_the_processes(data, tmp_path):
 def test_a_resume_world_size_that_does_not_divide_the_batch(data, tmp_path):
     run = tmp_path / "run"
     assert main(train_argv(data, run, 3)) == 0
+
     def files() -> dict[str, bytes]:  # the lock holds the pid of its last holder
         return {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK}
 
