@@ -319,7 +319,8 @@ def wait_for_records(run: Path, count: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_to_torchrun_saves_the_last_step_and_stops(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_torchrun_saves_the_last_step_and_stops(signum, data, tmp_path):
     run = tmp_path / "run"
     argv = train_argv(data, run, 100_000, *NO_DROPOUT)
     port = str(free_port())
@@ -328,7 +329,7 @@ def test_sigterm_to_torchrun_saves_the_last_step_and_stops(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as job:
         wait_for_records(run, 2)
-        job.send_signal(signal.SIGTERM)
+        job.send_signal(signum)
         _, err = job.communicate(timeout=120)
     stops = [line for line in err.decode().splitlines() if line.startswith("allattn:")]
     assert len(stops) == 1, err.decode()[-2000:]  # both ranks stopped; rank 0 speaks
