@@ -371,7 +371,6 @@ def test_a_hung_rank_times_out(data, tmp_path):
     checkpoint.load(run / train.LAST)  # intact
 
 
-@pytest.mark.slow
 def test_two_nodes_simulated_train_as_one(data, tmp_path):
     """Two torchrun launches, one per "node", meeting at one rendezvous endpoint."""
     argv = train_argv(data, tmp_path / "one", 6, *NO_DROPOUT)
