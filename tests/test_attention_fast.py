@@ -151,3 +151,88 @@ def test_dropout_backward_uses_the_forward_mask():
     q = inputs["q"].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(loss, (q,), eps=1e-6, atol=1e-6)
     assert grads["q"].abs().sum() > 0
+
+
+# -- bfloat16 autocast ---------------------------------------------------------------------------
+BF16_TOLERANCE = 1.5e-2
+"""Largest relative error (‖x − x64‖ / ‖x64‖) of the output and of every gradient but z's, in
+bfloat16 autocast against float64: bfloat16 keeps 8 bits (2^-9 = 2e-3 per rounding); measured
+5e-3 to 9e-3 over these cases and seeds, as for the dense kernel under the same autocast."""
+BF16_Z_TOLERANCE = 1e-1
+"""The span parameter's gradient sums a (g − Σ w g) over every key: the difference cancels, so
+bfloat16 rounding of g weighs more (measured up to 5.7e-2, the dense kernel up to 5.5e-2)."""
+
+
+def run_bf16(inputs, upstream, ramp, impl):
+    """Float32 leaves, q, k, v in bfloat16 (as autocast's linear layers give them), the kernel
+    under bfloat16 autocast; the output and the float32 gradients."""
+    leaves = {
+        n: None if t is None else t.detach().float().requires_grad_() for n, t in inputs.items()
+    }
+    z, context = leaves["z"], leaves["pos"].size(0)
+    mask = None
+    if z is not None:
+        mask = ((z[:, None] * context - torch.arange(context, dtype=z.dtype)) / ramp + 1).clamp(
+            0, 1
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = (leaves[n].to(torch.bfloat16) for n in "qkv")
+        out = attend(
+            q, k, v, leaves["pos"], span_mask=mask, mem_key=leaves["mem_key"],
+            mem_val=leaves["mem_val"], impl=impl,
+        )  # fmt: skip
+    (out.float() * upstream.float()).sum().backward()
+    return out.detach(), {n: t.grad for n, t in leaves.items() if t is not None}
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((x.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", CASES)
+def test_bfloat16_autocast_against_float64(name, seed):
+    case = CASES[name]
+    inputs, upstream, ramp = problem(
+        2, 70, 96, 3, 16, case["n_mem"], case["z"], 16, torch.float64, seed=seed
+    )
+    exact, exact_grads = run(inputs, upstream, ramp, chunk=16)
+    out, grads = run_bf16(inputs, upstream, ramp, "chunked")
+    _, dense_grads = run_bf16(inputs, upstream, ramp, "reference")
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads.values())
+    assert relative_error(out, exact) <= BF16_TOLERANCE
+    for key, grad in grads.items():
+        error = relative_error(grad, exact_grads[key])
+        dense = relative_error(dense_grads[key], exact_grads[key])
+        assert error <= (BF16_Z_TOLERANCE if key == "z" else BF16_TOLERANCE), (key, error, dense)
+
+
+def test_bfloat16_autocast_with_dropout_runs_and_keeps_the_mean():
+    inputs, upstream, ramp = problem(1, 6, 10, 2, 4, 3, [0.4, 0.9], 4, torch.float64)
+    plain, _ = run(inputs, upstream, ramp, chunk=4)
+    leaves = {n: t.detach().float() for n, t in inputs.items() if t is not None}
+    z = leaves["z"]
+    mask = ((z[:, None] * 10 - torch.arange(10, dtype=z.dtype)) / ramp + 1).clamp(0, 1)
+    torch.manual_seed(0)
+    outs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(400):
+            q, k, v = (leaves[n].to(torch.bfloat16) for n in "qkv")
+            outs.append(
+                attend(
+                    q, k, v, leaves["pos"], span_mask=mask, mem_key=leaves["mem_key"],
+                    mem_val=leaves["mem_val"], dropout=0.3, training=True, impl="chunked",
+                ).float()
+            )  # fmt: skip
+    stacked = torch.stack(outs)
+    assert (stacked.std(0) > 0).all()
+    assert (stacked.mean(0) - plain).abs().max().item() < 0.25
+    q = leaves["q"].requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(
+            q.to(torch.bfloat16), leaves["k"].to(torch.bfloat16), leaves["v"].to(torch.bfloat16),
+            leaves["pos"], span_mask=mask, mem_key=leaves["mem_key"], mem_val=leaves["mem_val"],
+            dropout=0.3, training=True, impl="chunked",
+        )  # fmt: skip
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and q.grad.isfinite().all()

@@ -99,12 +99,12 @@ def test_fields_that_moved_to_runtime_still_load():
 
 def test_auto_kernel_is_chosen_and_logged_with_its_reason(caplog):
     assert runtime.choose_attn_impl("auto", "float32")[0] == "chunked"
-    assert runtime.choose_attn_impl("auto", "bfloat16")[0] == "reference"
-    assert runtime.choose_attn_impl("chunked", "bfloat16") == ("chunked", "asked for")
+    assert runtime.choose_attn_impl("auto", "bfloat16")[0] == "chunked"
+    assert runtime.choose_attn_impl("reference", "bfloat16") == ("reference", "asked for")
     chosen = runtime.resolve(RuntimeConfig(device="cpu", dtype="bfloat16"))
     with caplog.at_level(logging.INFO):
         chosen.log()
-    assert "attention kernel: reference (auto under bfloat16" in caplog.text
+    assert "attention kernel: chunked (auto in bfloat16" in caplog.text
 
 
 def test_metrics_conversions_and_log(tmp_path):

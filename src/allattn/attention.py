@@ -27,13 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _low_precision(q: Tensor) -> bool:
-    """Half-precision inputs or autocast: the chunked kernel's hand-written backward works in
-    the inputs' dtype, so `auto` leaves these to the reference kernel (autograd handles them)."""
-    return q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(q.device.type)
-
-
 CHUNK = 64
 """Queries per chunk of the chunked kernel: a chunk scores b + L - 1 keys for L needed, and
 64 measured at least as fast as 32, 128 or 256 at the `small` and `paper` sizes on CPU
@@ -72,13 +65,13 @@ def attend(
         renorm_eps: the epsilon of the joint renormalisation (the original's 1e-8).
         dropout: attention-weight dropout rate, applied only when `training`.
         impl: "chunked" (fast: chunks of queries against the keys they see, exact hand-written
-            backward), "reference" (dense: one score matrix per block), "auto" (chunked, or
-            reference for half precision and autocast).
+            backward; under autocast its matrix products run in the autocast dtype), "reference"
+            (dense: one score matrix per block, autograd), "auto" (chunked).
 
     Returns:
         The heads' outputs, (B, H, M, D).
     """
-    if impl == "chunked" or (impl == "auto" and not _low_precision(q)):
+    if impl in ("chunked", "auto"):
         rate = dropout if training else 0.0
         chunk = min(CHUNK, q.size(2))
         return _ChunkedAttention.apply(
@@ -148,116 +141,191 @@ class _ChunkedAttention(torch.autograd.Function):
     Backward uses sum_i w_i dL/dw_i = dO . out, and returns the span mask's gradient for every
     key, including keys whose mask is exactly 0 (a_j dL/du_j is not 0 there), so the span
     parameter gets the original's gradient (DESIGN §2.4).
+
+    Precision (`_precision`): under autocast the matrix products, the kept softmax and the
+    elementwise work on it run in the autocast dtype; the normaliser Z, the output kept for
+    backward, dO . out, and the gradient accumulators of keys, values, positions, persistent
+    vectors and the span mask are float32, and the gradients come back in their inputs'
+    dtypes. In float32 and float64 both are the inputs' dtype and nothing is converted.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout, chunk):
-        # Work head-major, (H, B, ...), so that per-head tables meet (H, B*b, D) matrices.
-        q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))  # (H, B, *, D)
-        n_queries, head_dim = q.shape[2:]
-        n_context = k.size(2) - n_queries
-        ctx.scale = 1.0 / math.sqrt(head_dim)
-        ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
-        table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)
-        out = torch.empty_like(q)
-        scratch = _Scratch()
-        keeps, probs, totals = [], [], []
-        for start, stop, keys in _chunks(n_queries, n_context, chunk):
-            q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
-            a = _softmax_scores(q_c, k[:, :, keys], table, n_context, scratch)  # (H, B, b, L+N)
-            keep = _draw_keep(a, n_context, dropout) if dropout else None
-            keeps.append(keep)
-            probs.append(a)
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, scratch, n_context)
-            o = _matmul(scratch, "out", weights, v[:, :, keys])  # (H, B, b, D)
-            if mem_val is not None:
-                o += _per_head(mem_weights, lambda x: x @ mem_val)
-            if mask_full is None:
-                out[:, :, start:stop] = o
-            else:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps), before dropout
-                if keep is None:  # the masked weights are at hand: Z = their sum
-                    total = weights.sum(-1, keepdim=True)  # zero off the band
-                    if mem_val is not None:
-                        total += mem_weights.sum(-1, keepdim=True)
-                else:  # weights and mem_weights saw the keep masks
-                    total = (a * mask_full).sum(-1, keepdim=True)
-                total += renorm_eps  # (H, B, b, 1)
-                totals.append(total)
-                torch.div(o, total, out=out[:, :, start:stop])
-        ctx.keeps, ctx.probs, ctx.totals = keeps, probs, totals
-        ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val, out)
-        return out.transpose(0, 1)  # (B, H, M, D)
+        compute, work = _precision(q)
+        ctx.compute, ctx.work = compute, work
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # the dtypes are chosen here
+            return _forward(
+                ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout, chunk
+            )
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, pos, span_mask, mem_key, mem_val, out = ctx.saved_tensors  # head-major
-        grad_out = grad_out.transpose(0, 1).contiguous()  # (H, B, M, D)
-        # sum_i w_i dL/dw_i = dO . out (the weights after dropout meet the values in `out`)
-        out_dot = (grad_out * out).sum(-1, keepdim=True)  # (H, B, M, 1)
-        n_queries = q.size(2)
-        n_context = k.size(2) - n_queries
-        table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)
-        renorm = mask_full is not None
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dtable = torch.zeros_like(table)
-        dmask_rev = torch.zeros_like(span_mask) if renorm else None
-        dmem_val = torch.zeros_like(mem_val) if mem_val is not None else None
-        scratch = _Scratch()
-        for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
-            q_c, k_c, v_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys], v[:, :, keys]
-            g_out = grad_out[:, :, start:stop]
-            keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
-            g = scratch("g", a.shape, a)  # dL/dw by [context in key order ; persistent]
-            mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
-            if renorm:
-                total = ctx.totals[index]  # (H, B, b, 1)
-                g_out = g_out / total  # g below holds dL/dw / Z
-                mean_g = mean_g / total
-            # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
-            weights, mem_weights = _masked_band(ctx, a, mask_rev, keep, scratch, n_context)
-            dv[:, :, keys] += _matmul(scratch, "dkv", weights.transpose(-1, -2), g_out)
-            if dmem_val is not None:
-                dmem_val.baddbmm_(_flat(mem_weights).transpose(-1, -2), _flat(g_out))
-            # g - sum_i w_i g_i, written straight into g: context by key in key order, then
-            # the persistent slots (for dropout, the keep masks scale g first).
-            g_ctx, g_mem = g[..., :n_context], g[..., n_context:]
-            content = _band(_matmul(scratch, "keys", g_out, v_c.transpose(-1, -2)), n_context)
-            memory = None
-            if mem_val is not None:
-                memory = _matmul(scratch, "memory", _flat(g_out), mem_val.transpose(-1, -2))
-                memory = memory.view(g_mem.shape)
-            if keep is None:
-                torch.sub(content, mean_g, out=g_ctx)
-                if memory is not None:
-                    torch.sub(memory, mean_g, out=g_mem)
-            else:
-                torch.mul(content, keep[0], out=g_ctx)
-                if memory is not None:
-                    torch.mul(memory, keep[1], out=g_mem)
-                g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
-            g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
-            if dmask_rev is not None:  # renorm
-                # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
-                # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
-                # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).
-                dmask_rev += g_ctx.sum(dim=(1, 2))
-                g.mul_(mask_full).addcmul_(a, mean_g, value=-ctx.renorm_eps)
-            # else ds = a (g - sum_i w_i g_i) = t: no renormalisation, sum_k a_k g_k = mean_g
-            ds_keys = scratch("ds", (*g.shape[:-1], k_c.size(2)), g, zero=True)
-            _band(ds_keys, n_context).copy_(g_ctx)
-            dq_c = _matmul(scratch, "dq", ds_keys, k_c)  # scaled after the loop
-            dq[:, :, start:stop] = dq_c.add_(_per_head(g, lambda x: x @ table))
-            dk[:, :, keys] += _matmul(scratch, "dkv", ds_keys.transpose(-1, -2), q_c)
-            if dtable.size(0) > 1:
-                dtable.baddbmm_(_flat(g).transpose(-1, -2), _flat(q_c))  # (H, L+N, D)
-            else:  # one position table shared by all heads (no persistent memory)
-                dtable += (_flat(g).transpose(-1, -2) @ _flat(q_c)).sum(0, keepdim=True)
-        dq *= ctx.scale
-        dpos = dtable[:, :n_context].sum(0).flip(0)
-        dmem_key = dtable[:, n_context:] if mem_key is not None else None
-        dmask = dmask_rev.flip(-1) if dmask_rev is not None else None
-        grads = (x.transpose(0, 1) for x in (dq, dk, dv))
-        return *grads, dpos, dmask, dmem_key, dmem_val, None, None, None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _backward(ctx, grad_out)
+
+
+def _precision(q: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtype of the kernel's matrix products (`compute`: the autocast dtype under autocast,
+    else the queries') and of its softmax, normaliser, span-mask terms and accumulators
+    (`work`: float32 when `compute` is half precision, else `compute` itself)."""
+    compute = q.dtype
+    if torch.is_autocast_enabled(q.device.type) and q.dtype in _AUTOCAST_CASTS:
+        compute = torch.get_autocast_dtype(q.device.type)
+    work = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
+    return compute, work
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes autocast runs matrix products of in its own dtype (float64 stays float64)."""
+
+
+def _forward(ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout, chunk):
+    compute, work = ctx.compute, ctx.work
+    # Work head-major, (H, B, ...), so that per-head tables meet (H, B*b, D) matrices.
+    q, k, v = (x.to(compute).transpose(0, 1).contiguous() for x in (q, k, v))  # (H, B, *, D)
+    n_queries, head_dim = q.shape[2:]
+    n_context = k.size(2) - n_queries
+    ctx.scale = 1.0 / math.sqrt(head_dim)
+    ctx.renorm_eps, ctx.dropout, ctx.chunk = renorm_eps, dropout, chunk
+    table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)  # in `work`
+    table_c = table.to(compute)
+    mask_c, mask_full_c, mem_val_c = _in(compute, mask_rev, mask_full, mem_val)
+    k_t = _transposed(k)  # (H, B, D, L+M)
+    out = torch.empty_like(q, dtype=work)  # kept in `work` for backward's dO . out
+    scratch = _Scratch()
+    keeps, probs, totals = [], [], []
+    for start, stop, keys in _chunks(n_queries, n_context, chunk):
+        q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
+        a = _softmax_scores(q_c, k_t[..., keys], table_c, n_context, scratch)  # (H, B, b, L+N)
+        keep = _draw_keep(a, n_context, dropout, work) if dropout else None
+        keeps.append(keep)
+        probs.append(a)
+        weights, mem_weights = _masked_band(ctx, a, mask_c, keep, scratch, n_context)
+        o = _matmul(scratch, "out", weights, v[:, :, keys])  # (H, B, b, D)
+        if mem_val_c is not None:
+            o += _per_head(mem_weights, lambda x: x @ mem_val_c)
+        if mask_full is None:
+            out[:, :, start:stop] = o
+        else:  # joint renormalisation: w = a m / (sum_j a_j m_j + eps), before dropout
+            if keep is None:  # the masked weights are at hand: Z = their sum
+                total = weights.sum(-1, keepdim=True).to(work)  # zero off the band
+                if mem_val is not None:
+                    total += mem_weights.sum(-1, keepdim=True)
+            else:  # weights and mem_weights saw the keep masks
+                assert mask_full_c is not None
+                total = (a * mask_full_c).sum(-1, keepdim=True).to(work)
+            total += renorm_eps  # (H, B, b, 1)
+            totals.append(total)
+            torch.div(o, total, out=out[:, :, start:stop])
+    ctx.keeps, ctx.probs, ctx.totals = keeps, probs, totals
+    ctx.save_for_backward(q, k, v, pos, span_mask, mem_key, mem_val, out)
+    return out.transpose(0, 1).to(compute)  # (B, H, M, D)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, pos, span_mask, mem_key, mem_val, out = ctx.saved_tensors  # head-major
+    compute, work = ctx.compute, ctx.work
+    grad_out = grad_out.to(compute).transpose(0, 1).contiguous()  # (H, B, M, D)
+    # sum_i w_i dL/dw_i = dO . out (the weights after dropout meet the values in `out`)
+    out_dot = (grad_out * out).sum(-1, keepdim=True, dtype=work)  # (H, B, M, 1)
+    n_queries = q.size(2)
+    n_context = k.size(2) - n_queries
+    table, mask_rev, mask_full = _tables(pos, span_mask, mem_key)
+    table_c = table.to(compute)
+    mask_c, mask_full_c, mem_val_c = _in(compute, mask_rev, mask_full, mem_val)
+    renorm = mask_full is not None
+    v_t = _transposed(v)  # (H, B, D, L+M)
+    dq = torch.zeros_like(q)  # each query's rows are written once
+    dk, dv = torch.zeros_like(k, dtype=work), torch.zeros_like(v, dtype=work)  # accumulated
+    dtable = torch.zeros_like(table)
+    dmask_rev = torch.zeros_like(span_mask) if renorm else None
+    dmem_val = torch.zeros_like(mem_val) if mem_val is not None else None
+    scratch = _Scratch()
+    for index, (start, stop, keys) in enumerate(_chunks(n_queries, n_context, ctx.chunk)):
+        q_c, k_c = q[:, :, start:stop] * ctx.scale, k[:, :, keys]
+        g_out = grad_out[:, :, start:stop]
+        keep, a = ctx.keeps[index], ctx.probs[index]  # a: (H, B, b, L+N)
+        g = scratch("g", a.shape, a)  # dL/dw by [context in key order ; persistent]
+        mean_g = out_dot[:, :, start:stop]  # sum_i w_i g_i, (H, B, b, 1)
+        if renorm:
+            total = ctx.totals[index]  # (H, B, b, 1)
+            g_out = (g_out / total).to(compute)  # g below holds dL/dw / Z
+            mean_g = mean_g / total
+        mean_g = mean_g.to(compute)
+        # Values: dV = w^T dO (w = the weights after mask, dropout and 1 / Z).
+        weights, mem_weights = _masked_band(ctx, a, mask_c, keep, scratch, n_context)
+        _add(dv[:, :, keys], _matmul(scratch, "dkv", weights.transpose(-1, -2), g_out))
+        if dmem_val is not None:
+            _accumulate(dmem_val, _flat(mem_weights).transpose(-1, -2), _flat(g_out))
+        # g - sum_i w_i g_i, written straight into g: context by key in key order, then
+        # the persistent slots (for dropout, the keep masks scale g first).
+        g_ctx, g_mem = g[..., :n_context], g[..., n_context:]
+        content = _band(_matmul(scratch, "keys", g_out, v_t[..., keys]), n_context)
+        memory = None
+        if mem_val_c is not None:
+            memory = _matmul(scratch, "memory", _flat(g_out), mem_val_c.transpose(-1, -2))
+            memory = memory.view(g_mem.shape)
+        if keep is None:
+            torch.sub(content, mean_g, out=g_ctx)
+            if memory is not None:
+                torch.sub(memory, mean_g, out=g_mem)
+        else:
+            torch.mul(content, keep[0], out=g_ctx)
+            if memory is not None:
+                torch.mul(memory, keep[1], out=g_mem)
+            g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
+        g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
+        if dmask_rev is not None:  # renorm
+            assert mask_full_c is not None
+            # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
+            # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
+            # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).
+            dmask_rev += g_ctx.sum(dim=(1, 2))
+            g.mul_(mask_full_c).addcmul_(a, mean_g, value=-ctx.renorm_eps)
+        # else ds = a (g - sum_i w_i g_i) = t: no renormalisation, sum_k a_k g_k = mean_g
+        ds_keys = scratch("ds", (*g.shape[:-1], k_c.size(2)), g, zero=True)
+        _band(ds_keys, n_context).copy_(g[..., :n_context])
+        dq_c = _matmul(scratch, "dq", ds_keys, k_c)  # scaled after the loop
+        dq[:, :, start:stop] = dq_c.add_(_per_head(g, lambda x: x @ table_c))
+        _add(dk[:, :, keys], _matmul(scratch, "dkv", ds_keys.transpose(-1, -2), q_c))
+        if dtable.size(0) > 1:
+            _accumulate(dtable, _flat(g).transpose(-1, -2), _flat(q_c))  # (H, L+N, D)
+        else:  # one position table shared by all heads (no persistent memory)
+            dtable += (_flat(g).transpose(-1, -2) @ _flat(q_c)).sum(0, keepdim=True, dtype=work)
+    dq *= ctx.scale
+    dpos = dtable[:, :n_context].sum(0).flip(0)
+    dmem_key = dtable[:, n_context:] if mem_key is not None else None
+    dmask = dmask_rev.flip(-1) if dmask_rev is not None else None
+    grads = (x.transpose(0, 1).to(t) for x, t in zip((dq, dk, dv), ctx.input_dtypes, strict=True))
+    return *grads, dpos, dmask, dmem_key, dmem_val, None, None, None
+
+
+def _in(compute: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors in the dtype of the matrix products (the same tensors when it is theirs)."""
+    return [None if t is None else t.to(compute) for t in tensors]
+
+
+def _transposed(x: Tensor) -> Tensor:
+    """x.transpose(-1, -2) for matrix products with column slices of it: in half precision a
+    contiguous copy, so that a slice flattens to (H*B, D, n) without a copy per chunk (the
+    float32 products take the strided view as fast)."""
+    x_t = x.transpose(-1, -2)
+    return x_t.contiguous() if x.dtype in (torch.float16, torch.bfloat16) else x_t
+
+
+def _add(total: Tensor, x: Tensor) -> None:
+    """total += x, converting x first when it is in lower precision (much faster on the CPU
+    than a mixed-dtype add into a strided slice)."""
+    total += x if x.dtype == total.dtype else x.to(total.dtype)
+
+
+def _accumulate(total: Tensor, x: Tensor, y: Tensor) -> None:
+    """total += x @ y (batched), the product in x's dtype, the sum in total's."""
+    if x.dtype == total.dtype:
+        total.baddbmm_(x, y)
+    else:
+        total += x @ y
 
 
 def _matmul(scratch: _Scratch, name: str, x: Tensor, y: Tensor) -> Tensor:
@@ -300,11 +368,14 @@ def _tables(pos: Tensor, span_mask: Tensor | None, mem_key: Tensor | None):
     return table, mask_full[..., : span_mask.size(1)], mask_full
 
 
-def _softmax_scores(q_c: Tensor, k_c: Tensor, table: Tensor, n_context: int, scratch) -> Tensor:
-    """Softmax over [context in key order ; persistent] of one chunk; q_c is pre-scaled."""
+def _softmax_scores(q_c: Tensor, k_t: Tensor, table: Tensor, n_context: int, scratch) -> Tensor:
+    """Softmax over [context in key order ; persistent] of one chunk; q_c is pre-scaled, k_t
+    the keys it sees, transposed (H, B, D, b + L - 1). In
+    half precision the softmax's maximum and normaliser are float32 (PyTorch's kernels
+    accumulate reduced-precision inputs in float32)."""
     scores = _matmul(scratch, "scores", _flat(q_c), table.transpose(-1, -2))  # position, memory
     scores = scores.view(*q_c.shape[:-1], -1)
-    content = _matmul(scratch, "keys", q_c, k_c.transpose(-1, -2))
+    content = _matmul(scratch, "keys", q_c, k_t)
     scores[..., :n_context] += _band(content, n_context)
     return scores.softmax(-1)
 
@@ -328,10 +399,12 @@ class _Scratch:
         return tensor
 
 
-def _draw_keep(a: Tensor, n_context: int, dropout: float) -> tuple[Tensor, Tensor]:
+def _draw_keep(
+    a: Tensor, n_context: int, dropout: float, work: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Dropout keep-masks (context, persistent); persistent slots draw first, as the original."""
-    keep_mem = torch.rand_like(a[..., n_context:]) >= dropout
-    keep_ctx = torch.rand_like(a[..., :n_context]) >= dropout
+    keep_mem = torch.rand_like(a[..., n_context:], dtype=work) >= dropout
+    keep_ctx = torch.rand_like(a[..., :n_context], dtype=work) >= dropout
     return keep_ctx, keep_mem
 
 

@@ -388,7 +388,7 @@ class RuntimeConfig(Settings):
     attn_impl: AttnImpl = setting(
         "auto",
         "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
-        "block), or auto (chunked; reference under bfloat16); all compute the same function",
+        "block), or auto (chunked); all compute the same function",
     )
 
     flush_denormal: bool = setting(

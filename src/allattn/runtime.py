@@ -98,14 +98,12 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 
 def choose_attn_impl(requested: str, dtype: str) -> tuple[str, str]:
-    """The kernel to run and why: `auto` is the chunked kernel, except under bfloat16 autocast,
-    where its hand-written backward would run in bfloat16 and the reference kernel (autograd,
-    softmax statistics in float32) is used."""
+    """The kernel to run and why: `auto` is the chunked kernel at every precision (under
+    bfloat16 autocast its matrix products run in bfloat16, its softmax normaliser, span-mask
+    sums and gradient accumulators in float32)."""
     if requested != "auto":
         return requested, "asked for"
-    if dtype == "bfloat16":
-        return "reference", "auto under bfloat16: the chunked backward would run in bfloat16"
-    return "chunked", "auto in float32"
+    return "chunked", f"auto in {dtype}"
 
 
 @dataclass(frozen=True)
