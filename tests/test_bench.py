@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from allattn import bench, runtime
 from allattn.cli import main
 from allattn.config import load_preset
@@ -24,10 +26,16 @@ def test_allocator_settings_apply_on_glibc():
     assert runtime.keep_allocations() is True
 
 
-def test_layer_case_measures_the_layer():
-    result = bench._layer_case("small", "chunked", 1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_case_measures_the_layer(dtype):
+    result = bench._layer_case("small", "chunked", 1, dtype)
     assert result["context"] == 256 and result["tokens"] == 8 * 128
     assert result["seconds"] > 0 and result["flops"] > 0 and result["peak_mb"] >= 0
+
+
+def test_layer_bench_refuses_an_unknown_precision(capsys):
+    assert main(["bench", "layer", "--dtypes", "float32,fp8"]) == 2
+    assert "unknown precision 'fp8'; choose from float32, bfloat16" in capsys.readouterr().err
 
 
 def test_train_step_case_reports_throughput_and_memory():

@@ -61,6 +61,9 @@ class LayerBench(BenchOptions):
 
     sizes: str = setting(",".join(LAYER_SIZES), "layer sizes to run, comma-separated")
     impls: str = setting("reference,chunked", "kernels to compare, comma-separated")
+    dtypes: str = setting(
+        "float32", "precisions to compare, comma-separated: float32, bfloat16 (autocast)"
+    )
     repeats: int = setting(3, "best of this many repetitions")
 
     def validate(self) -> None:
@@ -71,7 +74,16 @@ class LayerBench(BenchOptions):
         bad = [i for i in self.impls.split(",") if i not in kernels]
         if bad:
             raise ConfigError(f"unknown kernel {bad[0]!r}; choose from {', '.join(kernels)}")
+        bad = [d for d in self.dtypes.split(",") if d not in LAYER_DTYPES]
+        if bad:
+            raise ConfigError(
+                f"unknown precision {bad[0]!r}; choose from {', '.join(LAYER_DTYPES)}"
+            )
         self._require_ints(1, "repeats")
+
+
+LAYER_DTYPES = ("float32", "bfloat16")
+"""The precisions `bench layer` times (float32 weights; bfloat16 as autocast)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +173,7 @@ class LayerResult:
     gflops: float
     peak_fraction: float
     peak_mb: float
+    dtype: str = "float32"
 
 
 def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
@@ -189,10 +202,18 @@ def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
     return layer, step
 
 
-def _layer_case(size: str, impl: str, repeats: int) -> dict[str, Any]:
-    """Runs in a child process: one layer, forward + backward, best of `repeats`."""
+def _layer_case(size: str, impl: str, repeats: int, dtype: str = "float32") -> dict[str, Any]:
+    """Runs in a child process: one layer, forward + backward, best of `repeats`, in `dtype`
+    (bfloat16: under autocast)."""
+    from . import runtime
+
     batch, block, _, heads, head_dim, n_mem, _ = LAYER_SIZES[size]
-    layer, step = layer_step(size, impl)
+    layer, plain_step = layer_step(size, impl)
+
+    def step() -> None:
+        with runtime.autocast(torch.device("cpu"), dtype):
+            plain_step()
+
     context = layer.context_length()
     base = current_rss_mb()
 
@@ -236,35 +257,35 @@ def layer_benchmark(
     allocator: bool,
     peak: float,
     rounds: int = 2,
+    dtypes: tuple[str, ...] = ("float32",),
 ) -> list[LayerResult]:
-    """Each (size, kernel) in its own process, the kernels interleaved over `rounds` rounds
-    (the machine's load drifts), keeping each one's best time and its largest peak memory."""
-    best: dict[tuple[str, str], dict[str, Any]] = {}
-    peak_mb: dict[tuple[str, str], float] = {}
+    """Each (size, kernel, precision) in its own process, the cases interleaved over `rounds`
+    rounds (the machine's load drifts), keeping each one's best time and largest peak memory."""
+    cases = [(size, impl, dtype) for size in sizes for impl in impls for dtype in dtypes]
+    best: dict[tuple[str, str, str], dict[str, Any]] = {}
+    peak_mb: dict[tuple[str, str, str], float] = {}
     for _ in range(rounds):
-        for size in sizes:
-            for impl in impls:
-                case = (size, impl)
-                r = _child(["_layer_case", size, impl, repeats], allocator)
-                peak_mb[case] = max(peak_mb.get(case, 0.0), r["peak_mb"])
-                if case not in best or r["seconds"] < best[case]["seconds"]:
-                    best[case] = r
+        for case in cases:
+            r = _child(["_layer_case", *case[:2], repeats, case[2]], allocator)
+            peak_mb[case] = max(peak_mb.get(case, 0.0), r["peak_mb"])
+            if case not in best or r["seconds"] < best[case]["seconds"]:
+                best[case] = r
     results = []
-    for size in sizes:
-        for impl in impls:
-            r = best[(size, impl)]
-            gflops = r["flops"] / r["seconds"] / 1e9
-            results.append(
-                LayerResult(
-                    size=size,
-                    impl=impl,
-                    ms=r["seconds"] * 1e3,
-                    tokens_per_s=r["tokens"] / r["seconds"],
-                    gflops=gflops,
-                    peak_fraction=gflops / peak,
-                    peak_mb=peak_mb[(size, impl)],
-                )
+    for case in cases:
+        r = best[case]
+        gflops = r["flops"] / r["seconds"] / 1e9
+        results.append(
+            LayerResult(
+                size=case[0],
+                impl=case[1],
+                ms=r["seconds"] * 1e3,
+                tokens_per_s=r["tokens"] / r["seconds"],
+                gflops=gflops,
+                peak_fraction=gflops / peak,
+                peak_mb=peak_mb[case],
+                dtype=case[2],
             )
+        )
     return results
 
 
@@ -359,13 +380,13 @@ def format_layer_table(results: list[LayerResult], peak: float, allocator: bool)
     lines = [
         f"matmul peak {peak:.0f} GFLOP/s (float32, measured now); allocator: "
         + ("freed memory kept (mallopt)" if allocator else "glibc defaults"),
-        f"{'size':6} {'impl':10} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} {'of peak':>8} "
-        f"{'peak MB':>8}",
+        f"{'size':6} {'impl':10} {'dtype':9} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+        f"{'of peak':>8} {'peak MB':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.size:6} {r.impl:10} {r.ms:9.1f} {r.tokens_per_s:10,.0f} {r.gflops:8.1f} "
-            f"{r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
+            f"{r.size:6} {r.impl:10} {r.dtype:9} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
+            f"{r.gflops:8.1f} {r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
         )
     return "\n".join(lines)
 
@@ -375,7 +396,12 @@ def layer(options: LayerBench) -> Report:
     allocator = not options.default_allocator
     peak = matmul_peak()
     results = layer_benchmark(
-        options.sizes.split(","), options.impls.split(","), options.repeats, allocator, peak
+        options.sizes.split(","),
+        options.impls.split(","),
+        options.repeats,
+        allocator,
+        peak,
+        dtypes=tuple(options.dtypes.split(",")),
     )
     payload = {
         "matmul_peak_gflops": peak,
