@@ -325,7 +325,7 @@ def _accumulate(total: Tensor, x: Tensor, y: Tensor) -> None:
     if x.dtype == total.dtype:
         total.baddbmm_(x, y)
     else:
-        total += x @ y
+        _add(total, x @ y)
 
 
 def _matmul(scratch: _Scratch, name: str, x: Tensor, y: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import atomic
+from . import atomic, runtime
 from .config import DEFAULT_PRESET, AttnImpl, ConfigError, RunConfig, Settings, setting
 from .data import SPLITS, Corpus
 from .train import require_memory
@@ -205,8 +205,6 @@ def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
 def _layer_case(size: str, impl: str, repeats: int, dtype: str = "float32") -> dict[str, Any]:
     """Runs in a child process: one layer, forward + backward, best of `repeats`, in `dtype`
     (bfloat16: under autocast)."""
-    from . import runtime
-
     batch, block, _, heads, head_dim, n_mem, _ = LAYER_SIZES[size]
     layer, plain_step = layer_step(size, impl)
 
