@@ -571,7 +571,10 @@ def test_interrupted_start_up_prints_no_traceback(tmp_path):
             child.send_signal(how)
             _, err = child.communicate(timeout=60)
         assert "Traceback" not in err, err
-        assert child.returncode in (status, 2), err  # 2: finished first (the file is missing)
+        # 2: it finished first (the file is missing). -signal: the signal came while the
+        # interpreter was shutting down (its handlers are back to the default then), or CPython
+        # re-raised a caught KeyboardInterrupt at exit; a shell reports either as 128 + signal.
+        assert child.returncode in (status, 2, -how), err
 
 
 def test_resume_refuses_what_it_would_ignore(data, tmp_path, capsys):
