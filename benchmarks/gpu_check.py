@@ -60,7 +60,7 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
         {
             "train.batch_size": str(batch_size),
             "train.batch_split": "1",
-            "runtime.dtype": "bfloat16",
+            "runtime.precision": "bf16",
             "runtime.device": device,
             "model.span_init": "1.0",  # full spans: the most expensive case
             **overrides,

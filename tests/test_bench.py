@@ -26,16 +26,18 @@ def test_allocator_settings_apply_on_glibc():
     assert runtime.keep_allocations() is True
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_layer_case_measures_the_layer(dtype):
-    result = bench._layer_case("small", "chunked", 1, dtype)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layer_case_measures_the_layer(precision):
+    result = bench._layer_case("small", "chunked", 1, precision)
     assert result["context"] == 256 and result["tokens"] == 8 * 128
     assert result["seconds"] > 0 and result["flops"] > 0 and result["peak_mb"] >= 0
 
 
 def test_layer_bench_refuses_an_unknown_precision(capsys):
-    assert main(["bench", "layer", "--dtypes", "float32,fp8"]) == 2
-    assert "unknown precision 'fp8'; choose from float32, bfloat16" in capsys.readouterr().err
+    assert main(["bench", "layer", "--precisions", "fp32,fp8"]) == 2
+    assert "unknown precision 'fp8'; choose from fp32, bf16, fp16" in capsys.readouterr().err
+    assert main(["bench", "layer", "--precisions", "fp16"]) == 2
+    assert "fp16 needs CUDA; use bf16" in capsys.readouterr().err
 
 
 def test_train_step_case_reports_throughput_and_memory():

@@ -167,7 +167,7 @@ def test_help_lists_every_section_flag(capsys):
         "--model.n_persistent",
         "--optim.lr",
         "--train.eval_batch_size",
-        "--runtime.dtype",
+        "--runtime.precision",
     ):
         assert flag in out
     assert "{auto,chunked,reference}" in out

@@ -157,7 +157,7 @@ def test_float64_word_level_with_adaptive_io_equals_one_process(tmp_path):
     texts = {"train": "\n".join(lines[:240]), "valid": "\n".join(lines[240:])}
     word_corpus({**texts, "test": texts["valid"]}, {"name": "words"}).save(path)
     extra = [
-        *NO_DROPOUT, "--runtime.dtype", "float64", "--model.adaptive_io", "true",
+        *NO_DROPOUT, "--runtime.precision", "fp64", "--model.adaptive_io", "true",
         "--model.adaptive_cutoffs", "4,9", "--model.adaptive_div", "2", "--optim.optimizer",
         "adam", "--optim.lr", "0.01", "--optim.grad_clip", "1.0",
     ]  # fmt: skip

@@ -471,7 +471,7 @@ CAUSES = [
     (cause, span, dtype)
     for cause in ("lr", "poison", "span_loss")
     for span in ("adaptive", "fixed")
-    for dtype in ("float32", "bfloat16")
+    for dtype in ("fp32", "bf16")
     if not (cause == "span_loss" and span == "fixed")  # a fixed span has no span loss
 ]
 
@@ -482,7 +482,7 @@ def test_non_finite_training_stops_and_keeps_the_good_checkpoints(
 ):
     run = tmp_path / "run"
     fixed = ["--model.adapt_span", "false"] if span == "fixed" else []
-    base = train_argv(data, run, "--train.steps", "3", "--runtime.dtype", dtype, *fixed)
+    base = train_argv(data, run, "--train.steps", "3", "--runtime.precision", dtype, *fixed)
     assert main(base) == 0
     before = {name: (run / name).read_bytes() for name in (train.LAST, train.BEST)}
     extra = ["--train.steps", "9"]

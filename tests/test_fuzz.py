@@ -72,7 +72,7 @@ VALUES = [
     "NaN", "nan", "inf", "-inf", "-1", "0", "1", "2", "3", "8", "0.5", "1e-3", "1e308",
     str(10**30), str(2**63), str(2**64), str(-(2**63)), "", " ", "abc", "1.5", "0x10", "true",
     "false", "\udcff", "é", "a\nb", "a" * 5000, "é" * 2000, "x" * 300, "a/" * 3000,
-    "best", "last", "train", "valid", "test", "cpu", "auto", "float32", "bfloat16", "chunked",
+    "best", "last", "train", "valid", "test", "cpu", "auto", "fp32", "bf16", "fp16", "chunked",
     "reference", "adam", "small", "char", "byte", "word", "{new}",
 ]  # fmt: skip
 """Values for any flag (relative paths only: written ones land in the working directory)."""
@@ -87,7 +87,7 @@ SPECIAL = [
     *[("--runtime.device", v) for v in ("cuda:abc", "cuda:-1", "mps", "cpu:0", "gpu", "cuda")],
     *[("--runtime.device", v) for v in ("cuda:0", "cuda:99999999999999999999", "CPU", "meta")],
     *[("--runtime.device", v) for v in ("", "cuda:", "cuda:0:1", "cpu:-1")],
-    ("--runtime.dtype", "float8"), ("--runtime.dtype", "float16"), ("--runtime.attn_impl", "x"),
+    ("--runtime.precision", "fp8"), ("--runtime.precision", "float16"), ("--runtime.attn_impl", "x"),
     ("--split", "nosuch"), ("--select", "nosuch"), ("--level", "nosuch"),
     ("--block-size", "0"), ("--batch-size", "0"), ("--block-size", "100000"),
     ("--model.n_layers", str(10**30)), ("--model.n_layers", str(2**63)),

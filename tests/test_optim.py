@@ -131,3 +131,34 @@ def test_fine_tuning_applies_a_new_lr_from_the_first_update():
 def test_bad_optim_config(changes, message):
     with pytest.raises(ConfigError, match=message):
         OptimConfig(**changes)
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_loss_scaling_takes_the_same_steps_and_skips_an_overflow(name):
+    """fp16's loss scaling (here on the CPU, float32 parameters): the scaled gradients are
+    unscaled before clipping, so the steps equal the unscaled optimiser's; an infinite gradient
+    skips the update, halves the scale and does not advance warm-up; the state round-trips."""
+    cfg = OptimConfig(optimizer=name, lr=0.05, warmup_steps=4, grad_clip=0.03)
+    plain_ps = [nn.Parameter(p.detach().float()) for p in params()]
+    scaled_ps = [nn.Parameter(p.detach().clone()) for p in plain_ps]
+    plain = Optimizer(plain_ps, cfg)
+    scaled = Optimizer(scaled_ps, cfg, loss_scaling=True, device="cpu")
+    initial = scaled.loss_scale
+    assert plain.loss_scale is None and initial == 2.0**16
+    for t in range(1, 5):
+        grads = [g.float() for g in gradients(t, plain_ps)]
+        for p, q, g in zip(plain_ps, scaled_ps, grads, strict=True):
+            p.grad = g.clone()
+            q.grad = scaled.scale(g.clone())  # what backward from a scaled loss gives
+        assert plain.step()["lr"] == scaled.step()["lr"]
+        for p, q in zip(plain_ps, scaled_ps, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    before = [q.detach().clone() for q in scaled_ps]
+    for q in scaled_ps:
+        q.grad = torch.full_like(q, math.inf)
+    stats = scaled.step()
+    assert stats["skipped"] == 1.0 and scaled.updates == 4 and scaled.loss_scale == initial / 2
+    assert all(torch.equal(a, q.detach()) for a, q in zip(before, scaled_ps, strict=True))
+    again = Optimizer(scaled_ps, cfg, loss_scaling=True, device="cpu")
+    again.load_state_dict(scaled.state_dict())
+    assert again.loss_scale == initial / 2 and again.updates == 4

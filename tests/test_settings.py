@@ -49,8 +49,8 @@ def test_every_flag_comes_from_a_settings_field():
 def test_choices_are_checked_by_one_rule_naming_the_flag():
     with pytest.raises(ConfigError, match=r"--runtime.attn_impl \(fast\) must be one of auto, "):
         RuntimeConfig(attn_impl="fast")
-    with pytest.raises(ConfigError, match=r"--runtime.dtype \(float16\) must be one of float32"):
-        RunConfig().override({"runtime.dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"--runtime.precision \(float16\) must be one of fp32"):
+        RunConfig().override({"runtime.precision": "float16"})
 
 
 def test_a_preset_extends_another_and_the_twins_are_deltas(tmp_path):
@@ -91,20 +91,24 @@ def test_print_config_shows_the_resolved_derived_preset(capsys):
 def test_fields_that_moved_to_runtime_still_load():
     old = load_preset("tiny").to_dict()
     runtime_section = old.pop("runtime")
-    old["train"] |= {"device": "cpu", "dtype": runtime_section["dtype"]}
+    old["train"] |= {"device": "cpu", "dtype": "bfloat16"}  # as older runs wrote it
     old["model"]["attn_impl"] = "reference"
     config = RunConfig.from_dict(old)
-    assert config.runtime == RuntimeConfig(device="cpu", attn_impl="reference")
+    assert config.runtime == RuntimeConfig(device="cpu", attn_impl="reference", precision="bf16")
+    assert "precision" in runtime_section and "dtype" not in runtime_section
+    runtime_section["dtype"] = "float64"  # runtime.dtype, the name before runtime.precision
+    del runtime_section["precision"]
+    assert RunConfig.from_dict({"runtime": runtime_section}).runtime.precision == "fp64"
 
 
 def test_auto_kernel_is_chosen_and_logged_with_its_reason(caplog):
-    assert runtime.choose_attn_impl("auto", "float32")[0] == "chunked"
-    assert runtime.choose_attn_impl("auto", "bfloat16")[0] == "chunked"
-    assert runtime.choose_attn_impl("reference", "bfloat16") == ("reference", "asked for")
-    chosen = runtime.resolve(RuntimeConfig(device="cpu", dtype="bfloat16"))
+    assert runtime.choose_attn_impl("auto", "fp32")[0] == "chunked"
+    assert runtime.choose_attn_impl("auto", "bf16")[0] == "chunked"
+    assert runtime.choose_attn_impl("reference", "bf16") == ("reference", "asked for")
+    chosen = runtime.resolve(RuntimeConfig(device="cpu", precision="bf16"))
     with caplog.at_level(logging.INFO):
         chosen.log()
-    assert "attention kernel: chunked (auto in bfloat16" in caplog.text
+    assert "attention kernel: chunked (auto in bf16" in caplog.text
 
 
 def test_metrics_conversions_and_log(tmp_path):

@@ -61,8 +61,8 @@ class LayerBench(BenchOptions):
 
     sizes: str = setting(",".join(LAYER_SIZES), "layer sizes to run, comma-separated")
     impls: str = setting("reference,chunked", "kernels to compare, comma-separated")
-    dtypes: str = setting(
-        "float32", "precisions to compare, comma-separated: float32, bfloat16 (autocast)"
+    precisions: str = setting(
+        "fp32", "precisions to compare, comma-separated: fp32, bf16 (autocast), fp16 (CUDA)"
     )
     repeats: int = setting(3, "best of this many repetitions")
 
@@ -74,16 +74,19 @@ class LayerBench(BenchOptions):
         bad = [i for i in self.impls.split(",") if i not in kernels]
         if bad:
             raise ConfigError(f"unknown kernel {bad[0]!r}; choose from {', '.join(kernels)}")
-        bad = [d for d in self.dtypes.split(",") if d not in LAYER_DTYPES]
+        bad = [d for d in self.precisions.split(",") if d not in LAYER_PRECISIONS]
         if bad:
             raise ConfigError(
-                f"unknown precision {bad[0]!r}; choose from {', '.join(LAYER_DTYPES)}"
+                f"unknown precision {bad[0]!r}; choose from {', '.join(LAYER_PRECISIONS)}"
             )
+        if "fp16" in self.precisions.split(","):
+            raise ConfigError("bench layer runs on the CPU, and fp16 needs CUDA; use bf16")
         self._require_ints(1, "repeats")
 
 
-LAYER_DTYPES = ("float32", "bfloat16")
-"""The precisions `bench layer` times (float32 weights; bfloat16 as autocast)."""
+LAYER_PRECISIONS = ("fp32", "bf16", "fp16")
+"""The precisions of `RuntimeConfig.precision` that `bench layer` knows (float32 weights; bf16
+as autocast; fp16 is refused, the layer benchmark being a CPU one)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +176,7 @@ class LayerResult:
     gflops: float
     peak_fraction: float
     peak_mb: float
-    dtype: str = "float32"
+    precision: str = "fp32"
 
 
 def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
@@ -202,14 +205,14 @@ def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
     return layer, step
 
 
-def _layer_case(size: str, impl: str, repeats: int, dtype: str = "float32") -> dict[str, Any]:
-    """Runs in a child process: one layer, forward + backward, best of `repeats`, in `dtype`
-    (bfloat16: under autocast)."""
+def _layer_case(size: str, impl: str, repeats: int, precision: str = "fp32") -> dict[str, Any]:
+    """Runs in a child process: one layer, forward + backward, best of `repeats`, at
+    `precision` (bf16: under autocast)."""
     batch, block, _, heads, head_dim, n_mem, _ = LAYER_SIZES[size]
     layer, plain_step = layer_step(size, impl)
 
     def step() -> None:
-        with runtime.autocast(torch.device("cpu"), dtype):
+        with runtime.autocast(torch.device("cpu"), precision):
             plain_step()
 
     context = layer.context_length()
@@ -255,11 +258,11 @@ def layer_benchmark(
     allocator: bool,
     peak: float,
     rounds: int = 2,
-    dtypes: tuple[str, ...] = ("float32",),
+    precisions: tuple[str, ...] = ("fp32",),
 ) -> list[LayerResult]:
     """Each (size, kernel, precision) in its own process, the cases interleaved over `rounds`
     rounds (the machine's load drifts), keeping each one's best time and largest peak memory."""
-    cases = [(size, impl, dtype) for size in sizes for impl in impls for dtype in dtypes]
+    cases = [(size, impl, p) for size in sizes for impl in impls for p in precisions]
     best: dict[tuple[str, str, str], dict[str, Any]] = {}
     peak_mb: dict[tuple[str, str, str], float] = {}
     for _ in range(rounds):
@@ -281,7 +284,7 @@ def layer_benchmark(
                 gflops=gflops,
                 peak_fraction=gflops / peak,
                 peak_mb=peak_mb[case],
-                dtype=case[2],
+                precision=case[2],
             )
         )
     return results
@@ -378,12 +381,12 @@ def format_layer_table(results: list[LayerResult], peak: float, allocator: bool)
     lines = [
         f"matmul peak {peak:.0f} GFLOP/s (float32, measured now); allocator: "
         + ("freed memory kept (mallopt)" if allocator else "glibc defaults"),
-        f"{'size':6} {'impl':10} {'dtype':9} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+        f"{'size':6} {'impl':10} {'precision':9} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
         f"{'of peak':>8} {'peak MB':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.size:6} {r.impl:10} {r.dtype:9} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
+            f"{r.size:6} {r.impl:10} {r.precision:9} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
             f"{r.gflops:8.1f} {r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
         )
     return "\n".join(lines)
@@ -399,7 +402,7 @@ def layer(options: LayerBench) -> Report:
         options.repeats,
         allocator,
         peak,
-        dtypes=tuple(options.dtypes.split(",")),
+        precisions=tuple(options.precisions.split(",")),
     )
     payload = {
         "matmul_peak_gflops": peak,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Self
 
 AttnImpl = Literal["auto", "chunked", "reference"]
 Optimizer = Literal["adagrad", "adam"]
-Dtype = Literal["float32", "bfloat16", "float64"]
+Precision = Literal["fp32", "bf16", "fp16", "fp64"]
 CheckpointChoice = Literal["best", "last"]
 
 DEFAULT_PRESET = "tiny"
@@ -380,10 +380,12 @@ class RuntimeConfig(Settings):
     section: ClassVar[str] = "runtime"
 
     device: str = setting("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    dtype: Dtype = setting(
-        "float32",
-        "float32, bfloat16 autocast (softmax statistics in float32), or float64 (weights and "
-        "arithmetic; for checks against the reference, slow)",
+    precision: Precision = setting(
+        "fp32",
+        "fp32; bf16 (bfloat16 autocast); fp16 (float16 autocast with loss scaling, CUDA only); "
+        "or fp64 (float64 weights and arithmetic, for checks against the reference, slow). "
+        "Weights and optimiser state stay float32 under bf16 and fp16; softmax statistics, "
+        "the span mask's sums and the losses run in float32",
     )
     attn_impl: AttnImpl = setting(
         "auto",
@@ -427,6 +429,8 @@ _MOVED = {
     ("train", "dtype"): "runtime",
     ("model", "attn_impl"): "runtime",
 }
+_OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp64"}
+"""`runtime.dtype` (older runs) -> the `runtime.precision` it meant."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,6 +459,9 @@ class RunConfig:
         for (old, name), new in _MOVED.items():
             if name in values[old]:
                 values[new].setdefault(name, values[old].pop(name))
+        if "dtype" in values["runtime"]:  # older runs: runtime.dtype float32, bfloat16, float64
+            dtype = values["runtime"].pop("dtype")
+            values["runtime"].setdefault("precision", _OLD_DTYPES.get(dtype, dtype))
         sections = {name: SECTIONS[name].from_dict(values[name]) for name in SECTIONS}
         return cls(**sections)  # type: ignore[arg-type]
 

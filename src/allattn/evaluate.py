@@ -111,10 +111,11 @@ def evaluate(
     batch_size: int = TrainConfig().eval_batch_size,
     block_size: int,
     split: str = "test",
-    dtype: str = "float32",
+    precision: str = "fp32",
     level: str = "char",
 ) -> EvalResult:
-    """Score `ids` (1-D) as DESIGN §3 says; the model's device and dtype are used. In a
+    """Score `ids` (1-D) as DESIGN §3 says; the model's device and weight dtype are used, under
+    the autocast of `precision` (bf16, fp16). In a
     data-parallel session this rank scores its share of the streams and every rank gets the
     whole result."""
     n_blocks = _full_blocks(len(ids), batch_size, block_size, split)
@@ -124,7 +125,7 @@ def evaluate(
     model.eval()
     cache = model.init_cache(batch_size // world.size)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with runtime.autocast(device, dtype):
+    with runtime.autocast(device, precision):
         for x, y in full_blocks(batchify(ids, batch_size, split)[rows], block_size):
             out = model(x.to(device), y.to(device), cache)
             cache = out.cache
@@ -162,7 +163,7 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
             batch_size=batch_size,
             block_size=block_size,
             split=config.split,
-            dtype=chosen.dtype,
+            precision=chosen.precision,
             level=level,
         )
     result.checkpoint = str(ckpt.path)

@@ -129,10 +129,13 @@ def tokens(
     sampling: Sampling = Sampling(),
     *,
     seed: int | None = None,
+    precision: str = "fp32",
 ) -> Iterator[Tensor]:
     """Yield max_new_tokens new token ids (B,) one at a time, continuing `prompt` (B, T), T >= 1.
 
-    The model must be in eval mode. Same seed, same tokens (on the same machine and device).
+    The model must be in eval mode; its forward passes run under the autocast of `precision`
+    (bf16, fp16; entered per pass, so none leaks to the caller between tokens). Same seed, same
+    tokens (on the same machine and device).
     """
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise ValueError("the prompt must be a (batch, length) tensor of at least one token")
@@ -145,12 +148,14 @@ def tokens(
     prompt = prompt.to(device)
     kv = model.init_kv_cache(prompt.size(0))
     for start in range(0, prompt.size(1), PROMPT_BLOCK):
-        logprobs = model.forward_kv(prompt[:, start : start + PROMPT_BLOCK], kv, last=True)
+        with runtime.autocast(device, precision):
+            logprobs = model.forward_kv(prompt[:, start : start + PROMPT_BLOCK], kv, last=True)
     for step in range(max_new_tokens):
-        token = next_token(logprobs[:, -1], sampling, generator)
+        token = next_token(logprobs[:, -1].float(), sampling, generator)
         yield token
         if step + 1 < max_new_tokens:
-            logprobs = model.forward_kv(token[:, None], kv)
+            with runtime.autocast(device, precision):
+                logprobs = model.forward_kv(token[:, None], kv)
 
 
 def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
@@ -226,6 +231,7 @@ def stream(
     sampling: Sampling = Sampling(),
     *,
     seed: int | None = None,
+    precision: str = "fp32",
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as they are generated.
 
@@ -237,7 +243,8 @@ def stream(
         )
     ids = torch.tensor([encode_prompt(vocab, prompt)])
     decoder = TextDecoder(vocab, after=prompt or "\n")
-    return _text(tokens(model, ids, max_new_tokens, sampling, seed=seed), decoder)
+    pieces = tokens(model, ids, max_new_tokens, sampling, seed=seed, precision=precision)
+    return _text(pieces, decoder)
 
 
 def _text(ids: Iterator[Tensor], decoder: TextDecoder) -> Iterator[str]:
@@ -258,9 +265,11 @@ def sample(
     sampling: Sampling = Sampling(),
     *,
     seed: int | None = None,
+    precision: str = "fp32",
 ) -> str:
     """The continuation of `prompt` (max_new_tokens tokens) as one string."""
-    return "".join(stream(model, vocab, prompt, max_new_tokens, sampling, seed=seed))
+    pieces = stream(model, vocab, prompt, max_new_tokens, sampling, seed=seed, precision=precision)
+    return "".join(pieces)
 
 
 def run(
@@ -272,8 +281,6 @@ def run(
     continuation as it is sampled. The checkpoint and prompt are checked at the call."""
     prompt = config.read_prompt()
     chosen = runtime.resolve(runtime_config or RuntimeConfig())
-    if chosen.dtype != "float32":
-        raise ConfigError("generation runs in float32; --runtime.dtype is for train and eval")
     model, ckpt = checkpoint.load_model(
         config.checkpoint,
         chosen.device,
@@ -281,9 +288,18 @@ def run(
         attn_impl=chosen.attn_impl,
         verify=config.verify,
     )
+    model = model.to(chosen.weight_dtype)
     if ckpt.vocab is None:
         raise checkpoint.CheckpointError(f"{config.checkpoint}: the checkpoint has no vocabulary")
-    pieces = stream(model, ckpt.vocab, prompt, config.max_new_tokens, sampling, seed=config.seed)
+    pieces = stream(
+        model,
+        ckpt.vocab,
+        prompt,
+        config.max_new_tokens,
+        sampling,
+        seed=config.seed,
+        precision=chosen.precision,
+    )
     log.info("%s", checkpoint.describe(ckpt))
     chosen.log()
     return _echoed(prompt if config.echo else "", pieces)

@@ -90,20 +90,34 @@ def require_memory(nbytes: int, device_name: str, what: str = "the run") -> None
         )
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on `device`, or nothing for float32 and float64."""
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The precisions that run under autocast (over float32 weights), and its dtype."""
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast of `precision` on `device` (bf16, fp16), or nothing (fp32, fp64)."""
+    if precision in AUTOCAST:
+        return torch.autocast(device.type, dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
 
 
-def choose_attn_impl(requested: str, dtype: str) -> tuple[str, str]:
+def require_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device does not run: fp16 is CUDA's (on the CPU, float16 matrix
+    products are not faster than float32, and bf16 is the reduced precision that is)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "--runtime.precision fp16 needs a CUDA device (float16 autocast with loss "
+            f"scaling); on {device.type} use bf16"
+        )
+
+
+def choose_attn_impl(requested: str, precision: str) -> tuple[str, str]:
     """The kernel to run and why: `auto` is the chunked kernel at every precision (under
-    bfloat16 autocast its matrix products run in bfloat16, its softmax normaliser, span-mask
+    autocast its matrix products run in the autocast dtype, its softmax normaliser, span-mask
     sums and gradient accumulators in float32)."""
     if requested != "auto":
         return requested, "asked for"
-    return "chunked", f"auto in {dtype}"
+    return "chunked", f"auto in {precision}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,8 @@ class Runtime:
     """Resolved runtime settings."""
 
     device: torch.device
-    dtype: str
+    precision: str
+    """fp32, bf16, fp16 or fp64 (`RuntimeConfig.precision`)."""
     attn_impl: str
     reason: str
     """Why this kernel: asked for, or what `auto` means here."""
@@ -119,13 +134,18 @@ class Runtime:
     """Subnormal floats are flushed to zero (CPU only, process-wide)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.dtype)
+        return autocast(self.device, self.precision)
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """The dtype of the weights: float64 in a float64 run, else float32 (bfloat16 is an
-        autocast over float32 weights)."""
-        return torch.float64 if self.dtype == "float64" else torch.float32
+        """The dtype of the weights: float64 in an fp64 run, else float32 (bf16 and fp16 are
+        autocasts over float32 weights)."""
+        return torch.float64 if self.precision == "fp64" else torch.float32
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether the loss is scaled for backward (fp16: its gradients would underflow)."""
+        return self.precision == "fp16"
 
     def log(self) -> None:
         """Say which kernel runs and why (once the command's input is known to be good)."""
@@ -133,7 +153,7 @@ class Runtime:
             "attention kernel: %s (%s); %s on %s%s",
             self.attn_impl,
             self.reason,
-            self.dtype,
+            self.precision,
             self.device,
             ", subnormals flushed to zero" if self.flush_denormal else "",
         )
@@ -143,11 +163,12 @@ def resolve(config: RuntimeConfig, local_rank: int | None = None) -> Runtime:
     """The device, precision and kernel of `config` (for the process of `local_rank` in a
     data-parallel job)."""
     device = resolve_device(config.device, local_rank)
-    impl, reason = choose_attn_impl(config.attn_impl, config.dtype)
+    require_precision(config.precision, device)
+    impl, reason = choose_attn_impl(config.attn_impl, config.precision)
     flush = False
     if device.type == "cpu":
         supported = torch.set_flush_denormal(config.flush_denormal)
         flush = config.flush_denormal and supported
     return Runtime(
-        device=device, dtype=config.dtype, attn_impl=impl, reason=reason, flush_denormal=flush
+        device=device, precision=config.precision, attn_impl=impl, reason=reason, flush_denormal=flush
     )

@@ -34,6 +34,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,13 +161,15 @@ def run_block(
     batch_split: int,
     amp: contextlib.AbstractContextManager,
     backward: bool,
+    scale: Callable[[Tensor], Tensor] = lambda loss: loss,
 ) -> tuple[float, Cache]:
     """Forward (and backward) of one block in `batch_split` slices; returns the data loss.
 
     `model` is the `AllAttentionLM` or its data-parallel wrapper (`distributed.wrap`), whose
     gradients are averaged over the ranks in the last slice's backward only. Each slice's loss
     (data + span term) is divided by the number of slices, so the gradients add up to the whole
-    batch's and the span term counts once.
+    batch's and the span term counts once. `scale` turns the loss into the one backward runs
+    from (fp16's loss scaling, `Optimizer.scale`).
     """
     slices = torch.arange(x.size(0)).chunk(batch_split)
     losses, caches = [], []
@@ -175,7 +178,7 @@ def run_block(
         with distributed.no_sync(model) if accumulate else contextlib.nullcontext(), amp:
             out = model(x[rows], y[rows], [c[rows] for c in cache])
             if backward:
-                ((out.loss + out.span_loss) / batch_split).backward()
+                scale((out.loss + out.span_loss) / batch_split).backward()
         losses.append(out.loss.detach())
         caches.append(out.cache)
     new_cache = caches[0] if batch_split == 1 else [torch.cat(c) for c in zip(*caches, strict=True)]
@@ -226,7 +229,12 @@ class Trainer:
             torch.manual_seed(distributed.rank_seed(train.seed, self.world.rank))
         self.module = distributed.wrap(self.model, self.device)
         """What the training forward runs: the model, or its data-parallel wrapper."""
-        self.optimizer = Optimizer(self.model.parameters(), config.optim)
+        self.optimizer = Optimizer(
+            self.model.parameters(),
+            config.optim,
+            loss_scaling=self.runtime.loss_scaling,
+            device=self.device,
+        )
         self.train_streams = Streams(
             corpus.streams("train", batch)[self.rows], train.block_size, train.seed + 1, "train"
         )
@@ -259,6 +267,7 @@ class Trainer:
             self.config.train.batch_split,
             self.amp,
             backward,
+            self.optimizer.scale,
         )
         if wrapped:
             for c in cache:
@@ -276,7 +285,13 @@ class Trainer:
             raise NonFiniteError(f"the training loss is {loss} at step {step}")
         stats = self.optimizer.step()
         self.optimizer.zero_grad()
-        if not math.isfinite(stats["grad_norm"]):
+        if stats["skipped"]:  # fp16 loss scaling: the gradients overflowed, no update
+            log.warning(
+                "step %d: float16 gradients overflowed; update skipped, loss scale now %g",
+                step,
+                self.optimizer.loss_scale,
+            )
+        elif not math.isfinite(stats["grad_norm"]):
             raise NonFiniteError(f"the gradient norm is {stats['grad_norm']} at step {step}")
         bad = self.nonfinite_weight()
         if bad is not None:
@@ -715,6 +730,12 @@ def _loop(
     )
 
 
+def _loss_scale(optimizer: Optimizer) -> dict[str, float]:
+    """The metrics record's `loss_scale` (fp16 runs only)."""
+    scale = optimizer.loss_scale
+    return {} if scale is None else {"loss_scale": scale}
+
+
 def _validate(
     trainer: Trainer,
     metrics: MetricsLog | None,
@@ -741,6 +762,7 @@ def _validate(
         "lr": stats["lr"],
         "grad_norm": stats["grad_norm"],
         **trainer.model.span_stats(),
+        **_loss_scale(trainer.optimizer),
         "tokens_per_s": tokens / max(now - interval_start, 1e-9),
         "elapsed_s": now - start,
     }
