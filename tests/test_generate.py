@@ -195,9 +195,25 @@ def test_cli_streams_the_same_text_for_the_same_seed(checkpoint_file, tmp_path, 
     assert len(capsys.readouterr().out) == 41
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp64"])
+def test_generation_at_another_precision(precision, checkpoint_file, capsys):
+    """bf16 decodes under autocast, entered per forward pass (nothing leaks to the caller
+    between tokens); fp64 converts the weights; both stream the asked-for length."""
+    model, ckpt = checkpoint.load_model(checkpoint_file)
+    if precision == "fp64":
+        model = model.double()
+    ids = generate.tokens(model, torch.tensor([[1, 2, 3]]), 5, seed=0, precision=precision)
+    for _ in ids:
+        assert not torch.is_autocast_enabled("cpu")
+    args = ["generate", "--checkpoint", str(checkpoint_file), "--max-new-tokens", "30"]
+    assert main([*args, "--prompt", "ROMEO:", "--runtime.precision", precision]) == 0
+    assert len(capsys.readouterr().out) == len("ROMEO:") + 30 + 1
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
+        (["--runtime.precision", "fp16"], "fp16 needs a CUDA device"),
         (["--prompt", "xyz"], "the prompt has character 'x' (U+0078)"),
         (["--temperature", "-1"], "--temperature (-1.0) must be at least 0"),
         (["--top-p", "2"], "--top-p (2.0) must be in (0, 1]"),

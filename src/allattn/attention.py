@@ -111,7 +111,7 @@ def attend(
         context_weights = F.dropout(context_weights, dropout, training=True)
 
     # Scatter each query's band back to context rows, then one matmul with the values.
-    weights_all = torch.zeros_like(content_all).scatter(-1, index, context_weights)
+    weights_all = context_weights.new_zeros(content_all.shape).scatter(-1, index, context_weights)
     out = weights_all @ v  # (B, H, M, D)
     if mem_val is not None:
         out = out + persistent_weights @ mem_val  # (B, H, M, D)
