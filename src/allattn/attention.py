@@ -74,9 +74,7 @@ def attend(
     if impl in ("chunked", "auto"):
         rate = dropout if training else 0.0
         chunk = min(CHUNK, q.size(2))
-        return _ChunkedAttention.apply(
-            q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, rate, chunk
-        )
+        return _chunked(q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, rate, chunk)
     batch, n_heads, n_queries, head_dim = q.shape
     n_context = k.size(2) - n_queries
     scale = 1.0 / math.sqrt(head_dim)
@@ -116,6 +114,14 @@ def attend(
     if mem_val is not None:
         out = out + persistent_weights @ mem_val  # (B, H, M, D)
     return out
+
+
+@torch.compiler.disable
+def _chunked(*args) -> Tensor:
+    """The chunked kernel, run eagerly under `torch.compile` (`--runtime.compile`): compiled
+    regions end before it and resume after it. Traced, its loop over chunks unrolls into one
+    graph that took 10x longer to compile and ran slower than the eager kernel."""
+    return _ChunkedAttention.apply(*args)
 
 
 def _band(full: Tensor, n_context: int) -> Tensor:

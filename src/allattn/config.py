@@ -387,6 +387,12 @@ class RuntimeConfig(Settings):
         "Weights and optimiser state stay float32 under bf16 and fp16; softmax statistics, "
         "the span mask's sums and the losses run in float32",
     )
+    compile: bool = setting(
+        False,
+        "torch.compile the model (inductor: a C++ compiler on the CPU, triton on CUDA); the "
+        "attention kernel runs eagerly between compiled regions; the first steps include the "
+        "compilation, whose time is logged",
+    )
     attn_impl: AttnImpl = setting(
         "auto",
         "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
@@ -461,7 +467,8 @@ class RunConfig:
                 values[new].setdefault(name, values[old].pop(name))
         if "dtype" in values["runtime"]:  # older runs: runtime.dtype float32, bfloat16, float64
             dtype = values["runtime"].pop("dtype")
-            values["runtime"].setdefault("precision", _OLD_DTYPES.get(dtype, dtype))
+            old_name = _OLD_DTYPES.get(dtype) if isinstance(dtype, str) else None
+            values["runtime"].setdefault("precision", old_name or dtype)
         sections = {name: SECTIONS[name].from_dict(values[name]) for name in SECTIONS}
         return cls(**sections)  # type: ignore[arg-type]
 

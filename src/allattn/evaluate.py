@@ -147,7 +147,7 @@ def run(config: EvalConfig, runtime_config: RuntimeConfig | None = None) -> Eval
         with distributed.agreement():
             ckpt, ids, batch_size, block_size, level = _prepare(config)
             chosen = runtime.resolve(runtime_config, world.gpu_slot)
-            model = ckpt.build_model(chosen.attn_impl).to(chosen.device, chosen.weight_dtype)
+            model = chosen.prepare(ckpt.build_model(chosen.attn_impl))
         log.info(
             "%s, %s split, %d streams of blocks of %d%s",
             checkpoint.describe(ckpt),

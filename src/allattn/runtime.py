@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .config import ConfigError, RuntimeConfig
 
@@ -111,6 +113,29 @@ def require_precision(precision: str, device: torch.device) -> None:
         )
 
 
+def require_compiler(device: torch.device) -> None:
+    """Refuse `--runtime.compile` where inductor cannot generate code: on the CPU it needs a C++
+    compiler ($CXX or g++), on CUDA the triton package."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--runtime.compile on CUDA needs the triton package; it is missing")
+        return
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as error:  # inductor's InvalidCxxCompiler, or a failure to run one
+        raise ConfigError(
+            "--runtime.compile on the CPU needs a C++ compiler ($CXX or g++); none runs here"
+        ) from error
+
+
+def compile_model(model: nn.Module) -> None:
+    """torch.compile `model` in place (`nn.Module.compile`: its state dict and parameters keep
+    their names, so checkpoints and data parallelism see the same model)."""
+    model.compile()
+
+
 def choose_attn_impl(requested: str, precision: str) -> tuple[str, str]:
     """The kernel to run and why: `auto` is the chunked kernel at every precision (under
     autocast its matrix products run in the autocast dtype, its softmax normaliser, span-mask
@@ -132,9 +157,18 @@ class Runtime:
     """Why this kernel: asked for, or what `auto` means here."""
     flush_denormal: bool = False
     """Subnormal floats are flushed to zero (CPU only, process-wide)."""
+    compile: bool = False
+    """The model runs under torch.compile (`prepare` applies it)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` on this device in the weight dtype, compiled if asked for."""
+        model = model.to(self.device, self.weight_dtype)
+        if self.compile:
+            compile_model(model)
+        return model
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -150,25 +184,40 @@ class Runtime:
     def log(self) -> None:
         """Say which kernel runs and why (once the command's input is known to be good)."""
         log.info(
-            "attention kernel: %s (%s); %s on %s%s",
+            "attention kernel: %s (%s); %s on %s%s%s",
             self.attn_impl,
             self.reason,
             self.precision,
             self.device,
             ", subnormals flushed to zero" if self.flush_denormal else "",
+            ", compiled (the first steps include compilation)" if self.compile else "",
         )
+
+
+def check(config: RuntimeConfig, local_rank: int | None = None) -> torch.device:
+    """Refuse what this machine cannot run (the device, fp16 off CUDA, compiling without a
+    compiler) before a command touches any file; returns the device."""
+    device = resolve_device(config.device, local_rank)
+    require_precision(config.precision, device)
+    if config.compile:
+        require_compiler(device)
+    return device
 
 
 def resolve(config: RuntimeConfig, local_rank: int | None = None) -> Runtime:
     """The device, precision and kernel of `config` (for the process of `local_rank` in a
     data-parallel job)."""
-    device = resolve_device(config.device, local_rank)
-    require_precision(config.precision, device)
+    device = check(config, local_rank)
     impl, reason = choose_attn_impl(config.attn_impl, config.precision)
     flush = False
     if device.type == "cpu":
         supported = torch.set_flush_denormal(config.flush_denormal)
         flush = config.flush_denormal and supported
     return Runtime(
-        device=device, precision=config.precision, attn_impl=impl, reason=reason, flush_denormal=flush
+        device=device,
+        precision=config.precision,
+        attn_impl=impl,
+        reason=reason,
+        flush_denormal=flush,
+        compile=config.compile,
     )

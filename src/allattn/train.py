@@ -222,9 +222,7 @@ class Trainer:
         self.device = self.runtime.device
         self.amp = self.runtime.autocast()
         torch.manual_seed(train.seed)  # the same initial weights on every rank
-        self.model = AllAttentionLM(config.model, self.runtime.attn_impl).to(
-            self.device, self.runtime.weight_dtype
-        )
+        self.model = self.runtime.prepare(AllAttentionLM(config.model, self.runtime.attn_impl))
         if self.world.distributed:  # dropout: each rank its own stream
             torch.manual_seed(distributed.rank_seed(train.seed, self.world.rank))
         self.module = distributed.wrap(self.model, self.device)
@@ -553,6 +551,7 @@ def _start(
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
     require_memory(config)
+    runtime.check(config.runtime, distributed.current().gpu_slot)
     metrics = None
     if main:
         held.enter_context(lock.hold(run_dir))
@@ -665,6 +664,7 @@ def _loop(
     interval_start, interval_first_step = start, trainer.step
     stats: dict[str, float] = {}
     saved_step = trainer.step  # the step `last` holds
+    first_step = trainer.step + 1
     stop = 0  # the signal every rank stops for (a signal to any rank stops all after a step)
     with (
         signals.deferred() as pending,
@@ -682,7 +682,13 @@ def _loop(
             if stop:
                 break
             try:
+                step_start = time.perf_counter()
                 loss, stats = trainer.train_step()
+                if trainer.runtime.compile and trainer.step == first_step and trainer.world.main:
+                    log.info(
+                        "first compiled step: %.1f s (compilation included)",
+                        time.perf_counter() - step_start,
+                    )
                 validating = trainer.step % train.eval_interval == 0 or trainer.step == train.steps
                 if validating:
                     interval_steps = trainer.interval_steps
