@@ -292,14 +292,18 @@ def layer_benchmark(
 
 def train_step_case(run_config: dict[str, Any], steps: int) -> dict[str, Any]:
     """Runs in a child process: `steps` training steps of a run config (`RunConfig.to_dict`)
-    on a synthetic corpus."""
+    on a synthetic corpus, after two untimed ones (the first includes any compilation: its
+    time is `first_step_s`)."""
     from .train import Trainer, adopt_vocabulary
 
     config = RunConfig.from_dict(run_config)
     corpus = synthetic_corpus(config)
     config = adopt_vocabulary(config, corpus.vocab)
     trainer = Trainer(config, corpus, run_dir=None)
-    trainer.train_step()  # warm-up
+    start = time.perf_counter()
+    trainer.train_step()
+    first = time.perf_counter() - start
+    trainer.train_step()
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
@@ -310,6 +314,7 @@ def train_step_case(run_config: dict[str, Any], steps: int) -> dict[str, Any]:
         "ms_per_step": seconds / steps * 1e3,
         "peak_rss_mb": peak_rss_mb(),
         "parameters": trainer.model.num_parameters(),
+        "first_step_s": first,
     }
 
 
@@ -435,7 +440,8 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
     lines = [
         f"train step ({_describe(options.preset, overrides)}): "
         f"{shipped['tokens_per_s']:,.0f} tokens/s, {shipped['ms_per_step']:.0f} ms/step, "
-        f"peak RSS {shipped['peak_rss_mb']:,.0f} MB"
+        f"peak RSS {shipped['peak_rss_mb']:,.0f} MB, first step {shipped['first_step_s']:.1f} s"
+        + (" (compilation included)" if config.runtime.compile else "")
     ]
     if options.compare_softmax:
         lines.append(_compare_softmax(options, config, shipped, payload, allocator))
