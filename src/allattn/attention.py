@@ -22,6 +22,7 @@ span gradient at keys whose mask is exactly 0 (DESIGN §2.4).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,22 @@ def _forward(ctx, q, k, v, pos, span_mask, mem_key, mem_val, renorm_eps, dropout
     keeps, probs, totals = [], [], []
     for start, stop, keys in _chunks(n_queries, n_context, chunk):
         q_c = q[:, :, start:stop] * ctx.scale  # (H, B, b, D)
+        if _FUSED:
+            a, keep, weights, mem_weights, total = _fused_chunk(
+                q_c, k_t[..., keys], table_c, mask_full_c, scratch, n_context, dropout,
+                renorm_eps, work,
+            )  # fmt: skip
+            keeps.append(keep)
+            probs.append(a)
+            o = _matmul(scratch, "out", weights, v[:, :, keys])  # (H, B, b, D)
+            if mem_val_c is not None:
+                o += _per_head(mem_weights, lambda x: x @ mem_val_c)
+            if total is None:
+                out[:, :, start:stop] = o
+            else:
+                totals.append(total)
+                torch.div(o, total, out=out[:, :, start:stop])
+            continue
         a = _softmax_scores(q_c, k_t[..., keys], table_c, n_context, scratch)  # (H, B, b, L+N)
         keep = _draw_keep(a, n_context, dropout, work) if dropout else None
         keeps.append(keep)
@@ -272,23 +289,30 @@ def _backward(ctx, grad_out):
         if mem_val_c is not None:
             memory = _matmul(scratch, "memory", _flat(g_out), mem_val_c.transpose(-1, -2))
             memory = memory.view(g_mem.shape)
-        if keep is None:
-            torch.sub(content, mean_g, out=g_ctx)
-            if memory is not None:
-                torch.sub(memory, mean_g, out=g_mem)
+        if _FUSED:
+            g, dmask_part = _FUSED["score_gradient"](
+                content, memory, a, mean_g, mask_full_c, keep, ctx.dropout, ctx.renorm_eps
+            )
+            if dmask_rev is not None:
+                dmask_rev += dmask_part
         else:
-            torch.mul(content, keep[0], out=g_ctx)
-            if memory is not None:
-                torch.mul(memory, keep[1], out=g_mem)
-            g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
-        g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
-        if dmask_rev is not None:  # renorm
-            assert mask_full_c is not None
-            # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
-            # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
-            # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).
-            dmask_rev += g_ctx.sum(dim=(1, 2))
-            g.mul_(mask_full_c).addcmul_(a, mean_g, value=-ctx.renorm_eps)
+            if keep is None:
+                torch.sub(content, mean_g, out=g_ctx)
+                if memory is not None:
+                    torch.sub(memory, mean_g, out=g_mem)
+            else:
+                torch.mul(content, keep[0], out=g_ctx)
+                if memory is not None:
+                    torch.mul(memory, keep[1], out=g_mem)
+                g.mul_(1.0 / (1.0 - ctx.dropout)).sub_(mean_g)
+            g.mul_(a)  # t = a (dL/du), with u = a m the unnormalised weights
+            if dmask_rev is not None:  # renorm
+                assert mask_full_c is not None
+                # w = u / Z: dL/du = (g - sum_i w_i g_i) / Z, so dL/dm = a dL/du = t, and the
+                # softmax's sum_k a_k dL/da_k = sum_k u_k dL/du_k = (sum_i w_i g_i) eps / Z
+                # since sum_k u_k = Z - eps; ds = a (m dL/du - that) = m t - a (that).
+                dmask_rev += g_ctx.sum(dim=(1, 2))
+                g.mul_(mask_full_c).addcmul_(a, mean_g, value=-ctx.renorm_eps)
         # else ds = a (g - sum_i w_i g_i) = t: no renormalisation, sum_k a_k g_k = mean_g
         ds_keys = scratch("ds", (*g.shape[:-1], k_c.size(2)), g, zero=True)
         _band(ds_keys, n_context).copy_(g[..., :n_context])
@@ -322,16 +346,24 @@ def _transposed(x: Tensor) -> Tensor:
 
 def _add(total: Tensor, x: Tensor) -> None:
     """total += x, converting x first when it is in lower precision (much faster on the CPU
-    than a mixed-dtype add into a strided slice)."""
-    total += x if x.dtype == total.dtype else x.to(total.dtype)
+    than a mixed-dtype add into a strided slice; fused, one pass, under `fuse_elementwise`)."""
+    if x.dtype == total.dtype:
+        total += x
+    elif _FUSED:
+        _FUSED["add"](total, x)
+    else:
+        total += x.to(total.dtype)
 
 
 def _accumulate(total: Tensor, x: Tensor, y: Tensor) -> None:
-    """total += x @ y (batched), the product in x's dtype, the sum in total's."""
+    """total += x @ y (batched), the product in x's dtype, the sum in total's. In lower
+    precision x is a transposed view (x = z^T, z the chunk's weights or score gradients):
+    the product is formed transposed, y^T z, so that z is read as it lies (a half-precision
+    product copies a transposed operand first)."""
     if x.dtype == total.dtype:
         total.baddbmm_(x, y)
     else:
-        _add(total, x @ y)
+        _add(total.mT, y.mT @ x.mT)
 
 
 def _matmul(scratch: _Scratch, name: str, x: Tensor, y: Tensor) -> Tensor:
@@ -384,6 +416,78 @@ def _softmax_scores(q_c: Tensor, k_t: Tensor, table: Tensor, n_context: int, scr
     content = _matmul(scratch, "keys", q_c, k_t)
     scores[..., :n_context] += _band(content, n_context)
     return scores.softmax(-1)
+
+
+_FUSED: dict[str, Callable] = {}
+"""The compiled elementwise functions of `--runtime.compile` (empty: the eager kernel)."""
+
+
+def fuse_elementwise(enabled: bool = True) -> None:
+    """Run the chunked kernel's elementwise work on each chunk's softmax as compiled, fused
+    loops (`torch.compile`: one pass over the scores instead of five to seven), or, with
+    `enabled` false, as the eager operations again. Process-wide; the matrix products, the
+    loop over chunks and the hand-written backward stay as they are."""
+    _FUSED.clear()
+    if enabled:
+        functions = (("softmax", _chunk_softmax), ("score_gradient", _score_gradient))
+        for name, fn in (*functions, ("add", _add_in_place)):
+            _FUSED[name] = torch.compile(fn, fullgraph=True)  # dynamic once a shape changes
+
+
+def _fused_chunk(q_c, k_t, table, mask_full, scratch, n_context, dropout, renorm_eps, work):
+    """One chunk's softmax `a`, its keep masks, the weights as a key matrix for the values, the
+    persistent weights and Z (None without renormalisation), by the fused softmax."""
+    scores = _matmul(scratch, "scores", _flat(q_c), table.transpose(-1, -2))
+    scores = scores.view(*q_c.shape[:-1], -1)  # (H, B, b, L+N)
+    content = _band(_matmul(scratch, "keys", q_c, k_t), n_context)
+    keep = _draw_keep(scores, n_context, dropout, work) if dropout else None
+    a, u_ctx, u_mem, total = _FUSED["softmax"](scores, content, mask_full, keep, dropout, renorm_eps)
+    full = scratch("weights", (*a.shape[:-1], a.size(-2) + n_context - 1), a, zero=True)
+    _band(full, n_context).copy_(u_ctx)
+    return a, keep, full, u_mem, total
+
+
+def _chunk_softmax(scores, content, mask_full, keep, dropout: float, eps: float):
+    """The forward pass's elementwise work on a chunk, fused: a = softmax of [position +
+    content ; persistent] scores, the weights for the values u = a m (* keep / (1 - p)) split
+    into context and persistent parts, and Z = sum_j a_j m_j + eps (float32; None without a
+    span mask)."""
+    n_context = content.size(-1)
+    full = torch.cat([scores[..., :n_context] + content, scores[..., n_context:]], dim=-1)
+    a = full.softmax(-1)
+    u = a if mask_full is None else a * mask_full
+    total = None
+    if mask_full is not None:
+        total = u.sum(-1, keepdim=True, dtype=_accumulator(u)) + eps
+    if keep is not None:
+        keep_all = torch.cat([keep[0], keep[1]], dim=-1)
+        u = u * keep_all * (1.0 / (1.0 - dropout))
+    return a, u[..., :n_context], u[..., n_context:], total
+
+
+def _score_gradient(content, memory, a, mean_g, mask_full, keep, dropout: float, eps: float):
+    """The backward pass's elementwise work on a chunk, fused: the scores' gradient ds from
+    dL/dw by key (`content`, the persistent `memory`), and the span mask's gradient of the
+    chunk (float32; None without a span mask), as the eager lines of `_backward` compute."""
+    g = content if memory is None else torch.cat([content, memory], dim=-1)
+    if keep is not None:
+        keep_all = keep[0] if memory is None else torch.cat([keep[0], keep[1]], dim=-1)
+        g = g * keep_all * (1.0 / (1.0 - dropout))
+    t = (g - mean_g) * a
+    if mask_full is None:
+        return t, None
+    dmask = t[..., : content.size(-1)].sum(dim=(1, 2), dtype=_accumulator(t))
+    return t * mask_full - a * mean_g * eps, dmask
+
+
+def _add_in_place(total: Tensor, x: Tensor) -> None:
+    """total += x for x in lower precision: converted and added in one fused pass."""
+    total.add_(x)
+
+
+def _accumulator(x: Tensor) -> torch.dtype:
+    """float32 for half-precision x, else x's dtype (sums of the fused functions)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class _Scratch:

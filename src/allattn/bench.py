@@ -64,9 +64,16 @@ class LayerBench(BenchOptions):
     precisions: str = setting(
         "fp32", "precisions to compare, comma-separated: fp32, bf16 (autocast), fp16 (CUDA)"
     )
+    compile: str = setting(
+        "false",
+        "false, true (the layer under torch.compile with the kernel's fused elementwise "
+        "functions, as --runtime.compile), or both, comma-separated",
+    )
     repeats: int = setting(3, "best of this many repetitions")
 
     def validate(self) -> None:
+        if not self.compile or any(c not in ("false", "true") for c in self.compile.split(",")):
+            raise ConfigError(f"--compile ({self.compile}) must be false, true or false,true")
         unknown = [s for s in self.sizes.split(",") if s not in LAYER_SIZES]
         if unknown:
             raise ConfigError(f"unknown size {unknown[0]!r}; choose from {', '.join(LAYER_SIZES)}")
@@ -177,6 +184,7 @@ class LayerResult:
     peak_fraction: float
     peak_mb: float
     precision: str = "fp32"
+    compiled: bool = False
 
 
 def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
@@ -205,11 +213,16 @@ def layer_step(size: str, impl: str) -> tuple[Any, Callable[[], None]]:
     return layer, step
 
 
-def _layer_case(size: str, impl: str, repeats: int, precision: str = "fp32") -> dict[str, Any]:
+def _layer_case(
+    size: str, impl: str, repeats: int, precision: str = "fp32", compiled: bool = False
+) -> dict[str, Any]:
     """Runs in a child process: one layer, forward + backward, best of `repeats`, at
-    `precision` (bf16: under autocast)."""
+    `precision` (bf16: under autocast), compiled as `--runtime.compile` compiles (the first,
+    untimed, run compiles)."""
     batch, block, _, heads, head_dim, n_mem, _ = LAYER_SIZES[size]
     layer, plain_step = layer_step(size, impl)
+    if compiled:
+        runtime.compile_model(layer)
 
     def step() -> None:
         with runtime.autocast(torch.device("cpu"), precision):
@@ -259,15 +272,19 @@ def layer_benchmark(
     peak: float,
     rounds: int = 2,
     precisions: tuple[str, ...] = ("fp32",),
+    compiles: tuple[bool, ...] = (False,),
 ) -> list[LayerResult]:
-    """Each (size, kernel, precision) in its own process, the cases interleaved over `rounds`
-    rounds (the machine's load drifts), keeping each one's best time and largest peak memory."""
-    cases = [(size, impl, p) for size in sizes for impl in impls for p in precisions]
-    best: dict[tuple[str, str, str], dict[str, Any]] = {}
-    peak_mb: dict[tuple[str, str, str], float] = {}
+    """Each (size, kernel, precision, compiled) in its own process, the cases interleaved over
+    `rounds` rounds (the machine's load drifts), keeping each one's best time and largest peak
+    memory."""
+    cases = [
+        (size, impl, p, c) for size in sizes for impl in impls for p in precisions for c in compiles
+    ]
+    best: dict[tuple[str, str, str, bool], dict[str, Any]] = {}
+    peak_mb: dict[tuple[str, str, str, bool], float] = {}
     for _ in range(rounds):
         for case in cases:
-            r = _child(["_layer_case", *case[:2], repeats, case[2]], allocator)
+            r = _child(["_layer_case", *case[:2], repeats, *case[2:]], allocator)
             peak_mb[case] = max(peak_mb.get(case, 0.0), r["peak_mb"])
             if case not in best or r["seconds"] < best[case]["seconds"]:
                 best[case] = r
@@ -285,6 +302,7 @@ def layer_benchmark(
                 peak_fraction=gflops / peak,
                 peak_mb=peak_mb[case],
                 precision=case[2],
+                compiled=case[3],
             )
         )
     return results
@@ -386,12 +404,12 @@ def format_layer_table(results: list[LayerResult], peak: float, allocator: bool)
     lines = [
         f"matmul peak {peak:.0f} GFLOP/s (float32, measured now); allocator: "
         + ("freed memory kept (mallopt)" if allocator else "glibc defaults"),
-        f"{'size':6} {'impl':10} {'precision':9} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+        f"{'size':6} {'impl':10} {'precision':9} {'compiled':8} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
         f"{'of peak':>8} {'peak MB':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.size:6} {r.impl:10} {r.precision:9} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
+            f"{r.size:6} {r.impl:10} {r.precision:9} {str(r.compiled).lower():8} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
             f"{r.gflops:8.1f} {r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
         )
     return "\n".join(lines)
@@ -400,6 +418,8 @@ def format_layer_table(results: list[LayerResult], peak: float, allocator: bool)
 def layer(options: LayerBench) -> Report:
     """The layer benchmark: every size and kernel, against the matmul peak measured now."""
     allocator = not options.default_allocator
+    if "true" in options.compile.split(","):
+        runtime.require_compiler(torch.device("cpu"))
     peak = matmul_peak()
     results = layer_benchmark(
         options.sizes.split(","),
@@ -408,6 +428,7 @@ def layer(options: LayerBench) -> Report:
         allocator,
         peak,
         precisions=tuple(options.precisions.split(",")),
+        compiles=tuple(c == "true" for c in options.compile.split(",")),
     )
     payload = {
         "matmul_peak_gflops": peak,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import attention
 from .config import ConfigError, RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,10 @@ def require_compiler(device: torch.device) -> None:
 
 def compile_model(model: nn.Module) -> None:
     """torch.compile `model` in place (`nn.Module.compile`: its state dict and parameters keep
-    their names, so checkpoints and data parallelism see the same model)."""
+    their names, so checkpoints and data parallelism see the same model), and the chunked
+    kernel's elementwise work on each chunk (`attention.fuse_elementwise`)."""
     model.compile()
+    attention.fuse_elementwise()
 
 
 def choose_attn_impl(requested: str, precision: str) -> tuple[str, str]:
