@@ -55,6 +55,42 @@ def kernel_equality() -> float:
     return max((a - b).abs().max().item() for a, b in zip(*results, strict=True))
 
 
+def bf16_kernel_error() -> dict:
+    """The chunked kernel under bf16 autocast on CUDA against float64: relative errors of the
+    output and the gradients (the CPU test's tolerance is 1.5e-2, z's 1e-1)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shapes = {"q": (2, 4, 256, 64), "k": (2, 4, 768, 64), "v": (2, 4, 768, 64),
+              "pos": (512, 64), "mk": (4, 64, 64), "mv": (4, 64, 64)}  # fmt: skip
+    exact = {
+        n: torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)
+        for n, s in shapes.items()
+    }
+    exact["z"] = torch.tensor([0.1, 0.4, 0.7, 1.0], device="cuda", dtype=torch.float64)
+    upstream = torch.randn(2, 4, 256, 64, generator=g, device="cuda", dtype=torch.float64)
+    results = []
+    for low in (False, True):
+        leaves = {n: (t.float() if low else t).clone().requires_grad_() for n, t in exact.items()}
+        z = leaves["z"]
+        mask = ((z[:, None] * 512 - torch.arange(512, device="cuda")) / 32 + 1).clamp(0, 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+            q, k, v = (leaves[n].to(torch.bfloat16) if low else leaves[n] for n in "qkv")
+            out = attend(q, k, v, leaves["pos"], span_mask=mask, mem_key=leaves["mk"],
+                         mem_val=leaves["mv"], impl="chunked")  # fmt: skip
+        (out.double() * upstream).sum().backward()
+        results.append((out.detach().double(), {n: t.grad.double() for n, t in leaves.items()}))
+    (ref, ref_grads), (low_out, low_grads) = results
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
+    errors = {n: rel(low_grads[n], ref_grads[n]) for n in ref_grads}
+    return {
+        "output": rel(low_out, ref),
+        "gradients": errors,
+        "worst_gradient_but_z": max(e for n, e in errors.items() if n != "z"),
+    }
+
+
 def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **overrides) -> dict:
     config = load_preset("enwik8_small").override(
         {
@@ -93,7 +129,8 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
     name = torch.cuda.get_device_name() if device == "cuda" else device
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     return {
-        "check": "enwik8_small bf16 train step",
+        "check": f"enwik8_small {config.runtime.precision} train step"
+        + (" (compiled)" if config.runtime.compile else ""),
         "device": name,
         "batch_size": batch_size,
         "tokens_per_s": tokens / seconds,
@@ -146,6 +183,9 @@ def main() -> int:
     result = decoding()
     print(json.dumps(result))
     ok = ok and result["max_abs_diff"] <= 1e-9
+    bf16 = bf16_kernel_error()
+    print(json.dumps({"check": "chunked bf16 autocast against float64, CUDA", **bf16}))
+    ok = ok and bf16["output"] <= 1.5e-2 and bf16["worst_gradient_but_z"] <= 1.5e-2
     for batch_size in (8, 16):
         try:
             print(json.dumps(train_step(batch_size)))
@@ -153,6 +193,13 @@ def main() -> int:
             print(json.dumps({"check": "train step", "batch_size": batch_size, "oom": True}))
             torch.cuda.empty_cache()
             break
+    # fp16 with loss scaling, and bf16 under --runtime.compile (triton), at batch 8
+    for overrides in ({"runtime.precision": "fp16"}, {"runtime.compile": "true"}):
+        try:
+            print(json.dumps(train_step(8, **overrides)))
+        except Exception as error:  # report and go on: the other checks still count
+            print(json.dumps({"check": f"train step {overrides}", "failed": str(error)[:300]}))
+            ok = False
     return 0 if ok else 1
 
 

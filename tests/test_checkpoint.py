@@ -118,7 +118,7 @@ def test_checkpoints_written_before_the_runtime_section_still_load(tmp_path):
 
     path = tmp_path / "old.safetensors"
     run = RunConfig().to_dict()
-    runtime = run.pop("runtime")
+    run.pop("runtime")
     run["model"]["attn_impl"] = "reference"
     run["train"] |= {"device": "cpu", "dtype": "float32"}  # where and as older runs wrote it
     checkpoint.save(path, AllAttentionLM(CFG), meta={"step": 3})

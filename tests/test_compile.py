@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_fast import (
+    BF16_TOLERANCE,
+    BF16_Z_TOLERANCE,
+    CASES,
+    problem,
+    relative_error,
+    run,
+    run_bf16,
+)  # fmt: skip
 
 from allattn import attention, runtime
 from allattn.cli import main
 from allattn.config import ModelConfig, RuntimeConfig
 from allattn.model import AllAttentionLM
-from test_attention_fast import (
-    BF16_TOLERANCE, BF16_Z_TOLERANCE, CASES, problem, relative_error, run, run_bf16,
-)  # fmt: skip
 
 CONFIG = ModelConfig(
     vocab_size=37, d_model=32, n_heads=4, n_layers=2, n_persistent=8, attn_span=48,
@@ -69,7 +75,7 @@ def test_a_missing_compiler_is_one_line_and_exit_2(tmp_path, capsys):
 
     run = tmp_path / "run"
     with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}):
-        with pytest.raises(runtime.ConfigError, match="needs a C.. compiler"):
+        with pytest.raises(runtime.ConfigError, match=r"needs a C\+\+ compiler"):
             runtime.resolve(RuntimeConfig(device="cpu", compile=True))
         assert main(["train", "--out", str(run), "--runtime.compile", "true"]) == 2
     err = capsys.readouterr().err.strip()

@@ -199,7 +199,7 @@ def test_cli_streams_the_same_text_for_the_same_seed(checkpoint_file, tmp_path, 
 def test_generation_at_another_precision(precision, checkpoint_file, capsys):
     """bf16 decodes under autocast, entered per forward pass (nothing leaks to the caller
     between tokens); fp64 converts the weights; both stream the asked-for length."""
-    model, ckpt = checkpoint.load_model(checkpoint_file)
+    model, _ = checkpoint.load_model(checkpoint_file)
     if precision == "fp64":
         model = model.double()
     ids = generate.tokens(model, torch.tensor([[1, 2, 3]]), 5, seed=0, precision=precision)

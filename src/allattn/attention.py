@@ -441,7 +441,9 @@ def _fused_chunk(q_c, k_t, table, mask_full, scratch, n_context, dropout, renorm
     scores = scores.view(*q_c.shape[:-1], -1)  # (H, B, b, L+N)
     content = _band(_matmul(scratch, "keys", q_c, k_t), n_context)
     keep = _draw_keep(scores, n_context, dropout, work) if dropout else None
-    a, u_ctx, u_mem, total = _FUSED["softmax"](scores, content, mask_full, keep, dropout, renorm_eps)
+    a, u_ctx, u_mem, total = _FUSED["softmax"](
+        scores, content, mask_full, keep, dropout, renorm_eps
+    )
     full = scratch("weights", (*a.shape[:-1], a.size(-2) + n_context - 1), a, zero=True)
     _band(full, n_context).copy_(u_ctx)
     return a, keep, full, u_mem, total

@@ -404,13 +404,13 @@ def format_layer_table(results: list[LayerResult], peak: float, allocator: bool)
     lines = [
         f"matmul peak {peak:.0f} GFLOP/s (float32, measured now); allocator: "
         + ("freed memory kept (mallopt)" if allocator else "glibc defaults"),
-        f"{'size':6} {'impl':10} {'precision':9} {'compiled':8} {'ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
-        f"{'of peak':>8} {'peak MB':>8}",
+        f"{'size':6} {'impl':10} {'precision':9} {'compiled':8} {'ms':>9} {'tokens/s':>10} "
+        f"{'GFLOP/s':>8} {'of peak':>8} {'peak MB':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.size:6} {r.impl:10} {r.precision:9} {str(r.compiled).lower():8} {r.ms:9.1f} {r.tokens_per_s:10,.0f} "
-            f"{r.gflops:8.1f} {r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
+            f"{r.size:6} {r.impl:10} {r.precision:9} {str(r.compiled).lower():8} {r.ms:9.1f} "
+            f"{r.tokens_per_s:10,.0f} {r.gflops:8.1f} {r.peak_fraction:8.0%} {r.peak_mb:8.0f}"
         )
     return "\n".join(lines)
 

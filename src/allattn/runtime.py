@@ -16,12 +16,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from . import attention
 from .config import ConfigError, RuntimeConfig
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: ModuleT) -> ModuleT:
         """`model` on this device in the weight dtype, compiled if asked for."""
         model = model.to(self.device, self.weight_dtype)
         if self.compile:
