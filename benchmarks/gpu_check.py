@@ -6,6 +6,11 @@
    tokens/s and model FLOP utilisation against the GPU's bf16 dense peak.
 3. Incremental decoding on CUDA equals one forward pass (float64), and generated tokens/s of an
    18-layer d 512 N 1024 S 1024 model (float32, batch 1).
+4. The FlexAttention formulation (`--runtime.attn_impl flex`, compiled) against the float64
+   reference without the + eps (outputs and every gradient, spans without keys at mask 0), and
+   one attention layer's forward + backward in bf16 at enwik8_small's shape (S 8192) with the
+   chunked, dense and flex kernels, side by side; then enwik8_small bf16 steps with dropout 0
+   (flex has none) with the chunked and the flex kernel.
 Prints one JSON line per result; exits non-zero if a check fails.
 """
 
@@ -91,6 +96,88 @@ def bf16_kernel_error() -> dict:
     }
 
 
+def flex_error() -> dict:
+    """flex (float32 and bf16, compiled) against the float64 reference with renorm_eps 0:
+    relative errors of the output and of every gradient. z * S is not an integer for any head,
+    so no key has a span mask of exactly 0 (where flex gives z no gradient, DESIGN §2.4)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    context, block = 700, 300
+    shapes = {"q": (2, 4, block, 32), "k": (2, 4, context + block, 32),
+              "v": (2, 4, context + block, 32), "pos": (context, 32), "mk": (4, 64, 32),
+              "mv": (4, 64, 32)}  # fmt: skip
+    exact = {
+        n: torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)
+        for n, s in shapes.items()
+    }
+    exact["z"] = torch.tensor([0.1234, 0.3456, 0.5678, 0.9012], device="cuda").double()
+    upstream = torch.randn(2, 4, block, 32, generator=g, device="cuda", dtype=torch.float64)
+
+    def run(impl: str, dtype: torch.dtype, low: bool):
+        leaves = {n: t.to(dtype).clone().requires_grad_() for n, t in exact.items()}
+        z = leaves["z"]
+        distance = torch.arange(context, device="cuda")
+        mask = ((z[:, None] * context - distance) / 32 + 1).clamp(0, 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+            q, k, v = (leaves[n].to(torch.bfloat16) if low else leaves[n] for n in "qkv")
+            out = attend(q, k, v, leaves["pos"], span_mask=mask, mem_key=leaves["mk"],
+                         mem_val=leaves["mv"], renorm_eps=0.0, impl=impl)  # fmt: skip
+        (out.double() * upstream).sum().backward()
+        return out.detach().double(), {n: t.grad.double() for n, t in leaves.items()}
+
+    ref, ref_grads = run("reference", torch.float64, False)
+    result = {}
+    for name, dtype, low in (("float32", torch.float32, False), ("bf16", torch.float32, True)):
+        out, grads = run("flex", dtype, low)
+        errors = {n: ((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads}
+        result[name] = {"output": ((out - ref).norm() / ref.norm()).item(), "gradients": errors}
+    return result
+
+
+def layer_speeds(batch: int = 8, steps: int = 10) -> dict:
+    """One attention layer's forward + backward (ms) at enwik8_small's shape in bf16 (H 8, D 64,
+    N 1024, S 8192, M 512, full spans), chunked, reference and flex side by side."""
+    heads, dim, n_mem, context, block = 8, 64, 1024, 8192, 512
+    bf = torch.bfloat16
+
+    def leaf(*shape, dtype=bf):
+        return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_()
+
+    q, k, v = (
+        leaf(batch, heads, block, dim),
+        leaf(batch, heads, context + block, dim),
+        leaf(batch, heads, context + block, dim),
+    )
+    pos, mk, mv = (leaf(context, dim, dtype=torch.float32), leaf(heads, n_mem, dim,
+                   dtype=torch.float32), leaf(heads, n_mem, dim, dtype=torch.float32))  # fmt: skip
+    z = torch.full((heads,), 1.0, device="cuda", requires_grad=True)
+    results = {}
+    for impl in ("chunked", "reference", "flex"):
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            times = []
+            for step in range(steps + 2):  # two untimed: compilation, allocator warm-up
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                mask = (z[:, None] * context - torch.arange(context, device="cuda")) / 32 + 1
+                with torch.autocast("cuda", dtype=bf):
+                    out = attend(q, k, v, pos, span_mask=mask.clamp(0, 1), mem_key=mk,
+                                 mem_val=mv, impl=impl)  # fmt: skip
+                out.float().sum().backward()
+                torch.cuda.synchronize()
+                if step >= 2:
+                    times.append(time.perf_counter() - start)
+            results[impl] = {
+                "ms": 1e3 * sorted(times)[len(times) // 2],
+                "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        except Exception as error:  # out of memory (dense at S 8192) or a compile failure
+            results[impl] = {"failed": f"{type(error).__name__}: {str(error)[:200]}"}
+            torch.cuda.empty_cache()
+    fastest = min((r["ms"], n) for n, r in results.items() if "ms" in r)
+    return {"check": "attention layer fwd+bwd, bf16, enwik8_small shape", "batch": batch,
+            "kernels": results, "fastest": fastest[1]}  # fmt: skip
+
+
 def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **overrides) -> dict:
     config = load_preset("enwik8_small").override(
         {
@@ -130,7 +217,8 @@ def train_step(batch_size: int, steps: int = 5, device: str = "cuda", **override
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     return {
         "check": f"enwik8_small {config.runtime.precision} train step"
-        + (" (compiled)" if config.runtime.compile else ""),
+        + (" (compiled)" if config.runtime.compile else "")
+        + f", {config.runtime.attn_impl} kernel, dropout {config.model.dropout}",
         "device": name,
         "batch_size": batch_size,
         "tokens_per_s": tokens / seconds,
@@ -183,6 +271,11 @@ def main() -> int:
     result = decoding()
     print(json.dumps(result))
     ok = ok and result["max_abs_diff"] <= 1e-9
+    flex = flex_error()
+    print(json.dumps({"check": "flex against float64 (renorm_eps 0), CUDA", **flex}))
+    worst_flex = max(flex["float32"]["output"], *flex["float32"]["gradients"].values())
+    ok = ok and worst_flex <= 1e-4
+    print(json.dumps(layer_speeds()))
     bf16 = bf16_kernel_error()
     print(json.dumps({"check": "chunked bf16 autocast against float64, CUDA", **bf16}))
     ok = ok and bf16["output"] <= 1.5e-2 and bf16["worst_gradient_but_z"] <= 1.5e-2
@@ -193,8 +286,15 @@ def main() -> int:
             print(json.dumps({"check": "train step", "batch_size": batch_size, "oom": True}))
             torch.cuda.empty_cache()
             break
-    # fp16 with loss scaling, and bf16 under --runtime.compile (triton), at batch 8
-    for overrides in ({"runtime.precision": "fp16"}, {"runtime.compile": "true"}):
+    # fp16 with loss scaling, bf16 under --runtime.compile (triton), and dropout 0 with the
+    # chunked and the flex kernel, at batch 8
+    no_dropout = {"model.dropout": "0"}
+    for overrides in (
+        {"runtime.precision": "fp16"},
+        {"runtime.compile": "true"},
+        no_dropout,
+        {**no_dropout, "runtime.attn_impl": "flex"},
+    ):
         try:
             print(json.dumps(train_step(8, **overrides)))
         except Exception as error:  # report and go on: the other checks still count

@@ -49,7 +49,42 @@ def test_bf16_autocast_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_flex_float32_on_cuda_matches_the_float64_reference():
+    """Outputs and every gradient of `--runtime.attn_impl flex` (compiled, float32) against the
+    dense kernel in float64 on the CPU with renorm_eps 0; z * S is not an integer, so no key
+    has a span mask of exactly 0 (where flex gives z no gradient)."""
+    from allattn.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q": (2, 4, 96, 16), "k": (2, 4, 256, 16), "v": (2, 4, 256, 16), "pos": (160, 16),
+              "mk": (4, 8, 16), "mv": (4, 8, 16)}  # fmt: skip
+    exact = {
+        n: torch.randn(*shape, generator=g, dtype=torch.float64) for n, shape in shapes.items()
+    }
+    exact["z"] = torch.tensor([0.123, 0.456, 0.789, 0.901], dtype=torch.float64)
+    upstream = torch.randn(2, 4, 96, 16, generator=g, dtype=torch.float64)
+    runs = []
+    for impl, device, dtype in (
+        ("reference", "cpu", torch.float64),
+        ("flex", "cuda", torch.float32),
+    ):
+        t = {n: x.to(device, dtype).requires_grad_() for n, x in exact.items()}
+        distance = torch.arange(160, device=device)
+        mask = ((t["z"][:, None] * 160 - distance) / 16 + 1).clamp(0, 1)
+        out = attend(t["q"], t["k"], t["v"], t["pos"], span_mask=mask, mem_key=t["mk"],
+                     mem_val=t["mv"], renorm_eps=0.0, impl=impl)  # fmt: skip
+        (out * upstream.to(device, dtype)).sum().backward()
+        runs.append([out.detach()] + [t[n].grad for n in exact])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(b.double().cpu(), a, rtol=1e-4, atol=1e-4)
+
+
 if __name__ == "__main__":
-    for check in (test_cuda_float32_matches_cpu_float64, test_bf16_autocast_forward_backward):
+    checks = (
+        test_cuda_float32_matches_cpu_float64,
+        test_bf16_autocast_forward_backward,
+        test_flex_float32_on_cuda_matches_the_float64_reference,
+    )
+    for check in checks:
         check()
         print(f"ok  {check.__name__}")

@@ -12,7 +12,8 @@ at distances delta = 1..L, but not to itself; then to the N persistent slots. Co
 Persistent score: q.m_k / sqrt(D). One softmax over the L + N scores; the span mask multiplies
 the context weights and all L + N weights are renormalised together (DESIGN §2.2-2.4).
 
-Two implementations compute this same function. `reference` is the dense one (one score matrix
+Two implementations compute this same function (a third, `flex`, opt-in, computes it without
+the renormalisation's + eps: see `allattn.flex`). `reference` is the dense one (one score matrix
 over all context rows, then a gather of each query's band), the straightforward yardstick.
 `chunked` (the default) scores chunks of b queries against only the b + L - 1 rows they can see,
 never forms an M x (L + M) matrix, and has a hand-written backward pass that keeps the original's
@@ -27,6 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import flex
 
 CHUNK = 64
 """Queries per chunk of the chunked kernel: a chunk scores b + L - 1 keys for L needed, and
@@ -67,11 +70,16 @@ def attend(
         dropout: attention-weight dropout rate, applied only when `training`.
         impl: "chunked" (fast: chunks of queries against the keys they see, exact hand-written
             backward; under autocast its matrix products run in the autocast dtype), "reference"
-            (dense: one score matrix per block, autograd), "auto" (chunked).
+            (dense: one score matrix per block, autograd), "auto" (chunked), "flex" (one
+            FlexAttention call; opt-in: no + eps, no span gradient at m = 0, no dropout; see
+            `flex`).
 
     Returns:
         The heads' outputs, (B, H, M, D).
     """
+    if impl == "flex":
+        flex.require(q.device, training=training and torch.is_grad_enabled(), dropout=dropout)
+        return flex.attend(q, k, v, pos, span_mask, mem_key, mem_val)
     if impl in ("chunked", "auto"):
         rate = dropout if training else 0.0
         chunk = min(CHUNK, q.size(2))

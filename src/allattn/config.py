@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-AttnImpl = Literal["auto", "chunked", "reference"]
+AttnImpl = Literal["auto", "chunked", "reference", "flex"]
 Optimizer = Literal["adagrad", "adam"]
 Precision = Literal["fp32", "bf16", "fp16", "fp64"]
 CheckpointChoice = Literal["best", "last"]
@@ -396,7 +396,9 @@ class RuntimeConfig(Settings):
     attn_impl: AttnImpl = setting(
         "auto",
         "attention kernel: chunked (fast, exact), reference (dense, one score matrix per "
-        "block), or auto (chunked); all compute the same function",
+        "block), auto (chunked), or flex (one FlexAttention call, opt-in: its renormalisation "
+        "has no + renorm_eps, keys at span mask 0 give the span no gradient, no attention "
+        "dropout, trains on CUDA only)",
     )
 
     flush_denormal: bool = setting(

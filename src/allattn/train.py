@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import atomic, checkpoint, distributed, lock, runtime, signals
+from . import atomic, checkpoint, distributed, flex, lock, runtime, signals
 from .checkpoint import BEST, LAST, CheckpointError, verify_setting
 from .config import (
     DEFAULT_PRESET,
@@ -551,7 +551,9 @@ def _start(
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
     require_memory(config)
-    runtime.check(config.runtime, distributed.current().gpu_slot)
+    device = runtime.check(config.runtime, distributed.current().gpu_slot)
+    if config.runtime.attn_impl == "flex":
+        flex.require(device, training=True, dropout=config.model.dropout)
     metrics = None
     if main:
         held.enter_context(lock.hold(run_dir))
