@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import atomic, runtime
+from . import atomic, flex, runtime
 from .config import DEFAULT_PRESET, AttnImpl, ConfigError, RunConfig, Settings, setting
 from .data import SPLITS, Corpus
 from .train import require_memory
@@ -88,6 +88,11 @@ class LayerBench(BenchOptions):
             )
         if "fp16" in self.precisions.split(","):
             raise ConfigError("bench layer runs on the CPU, and fp16 needs CUDA; use bf16")
+        if "flex" in self.impls.split(","):
+            raise ConfigError(
+                "bench layer runs forward + backward on the CPU, and flex has no backward there "
+                "(benchmarks/gpu_check.py times it on CUDA)"
+            )
         self._require_ints(1, "repeats")
 
 
@@ -448,6 +453,9 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
     """Whole training steps of `config` (the preset with `overrides`, as given), and with
     `compare` the reference kernel with glibc's default allocator."""
     require_memory(config)
+    if config.runtime.attn_impl == "flex":
+        device = runtime.resolve_device(config.runtime.device)
+        flex.require(device, training=True, dropout=config.model.dropout)
     if options.compare_softmax and not config.model.adaptive_io:
         raise ConfigError("--compare-softmax compares adaptive I/O: the model has none")
     allocator = not options.default_allocator
