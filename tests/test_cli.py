@@ -170,4 +170,4 @@ def test_help_lists_every_section_flag(capsys):
         "--runtime.precision",
     ):
         assert flag in out
-    assert "{auto,chunked,reference}" in out
+    assert "{auto,chunked,reference,flex}" in out
