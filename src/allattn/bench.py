@@ -453,9 +453,7 @@ def train_step(options: TrainStepBench, config: RunConfig, overrides: list[str])
     """Whole training steps of `config` (the preset with `overrides`, as given), and with
     `compare` the reference kernel with glibc's default allocator."""
     require_memory(config)
-    if config.runtime.attn_impl == "flex":
-        device = runtime.resolve_device(config.runtime.device)
-        flex.require(device, training=True, dropout=config.model.dropout)
+    flex.require_trainable(config, runtime.resolve_device(config.runtime.device))
     if options.compare_softmax and not config.model.adaptive_io:
         raise ConfigError("--compare-softmax compares adaptive I/O: the model has none")
     allocator = not options.default_allocator

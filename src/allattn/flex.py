@@ -24,12 +24,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
+
+
+def require_trainable(config: RunConfig, device: torch.device) -> None:
+    """Refuse, before a training run or benchmark touches anything, a run of `config` with the
+    flex kernel where it cannot train (nothing to refuse with another kernel)."""
+    if config.runtime.attn_impl == "flex":
+        require(device, training=True, dropout=config.model.dropout)
 
 
 def require(device: torch.device, *, training: bool, dropout: float) -> None:
@@ -56,8 +63,6 @@ def attend(
     mem_val: Tensor | None,
 ) -> Tensor:
     """`attention.attend` without the + eps of the renormalisation (shapes as there)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     batch, _, n_queries, head_dim = q.shape
     n_context = k.size(2) - n_queries
     n_rows = n_context + n_queries
@@ -79,11 +84,24 @@ def attend(
             bias = bias + log_mask[h, distance]
         return torch.where(j < n_rows, score + bias, score)
 
+    blocks = _block_mask(n_queries, n_context, k.size(2), q.device)
+    return _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=blocks, scale=scale)
+
+
+@lru_cache(maxsize=64)
+def _block_mask(n_queries: int, n_context: int, n_keys: int, device: torch.device):
+    """The visible keys: query i sees context rows i .. i + L - 1 and every persistent slot
+    (rows from L + M on). It depends on the shapes only, so the layers and blocks of one
+    shape share one (building it evaluates the mask over all blocks); the spans' context
+    lengths change in training, hence a bounded cache."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n_rows = n_context + n_queries
+
     def mask_mod(b, h, i, j):
         return (j >= n_rows) | ((j >= i) & (j < i + n_context))
 
-    blocks = create_block_mask(mask_mod, None, None, n_queries, k.size(2), device=q.device)
-    return _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=blocks, scale=scale)
+    return create_block_mask(mask_mod, None, None, n_queries, n_keys, device=device)
 
 
 @cache

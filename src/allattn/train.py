@@ -552,8 +552,7 @@ def _start(
         config = adopt_vocabulary(config, corpus.vocab)
     require_memory(config)
     device = runtime.check(config.runtime, distributed.current().gpu_slot)
-    if config.runtime.attn_impl == "flex":
-        flex.require(device, training=True, dropout=config.model.dropout)
+    flex.require_trainable(config, device)
     metrics = None
     if main:
         held.enter_context(lock.hold(run_dir))
