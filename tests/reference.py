@@ -23,6 +23,8 @@ class Settings:
     adapt_cache: bool
     renorm_eps: float = 1e-8
     trim: bool = True  # False: attend over all S rows (masked ones get weight 0)
+    memory_mode: str = "joint"  # DESIGN §2.9: joint, attn_split, head_split, single_head
+    ff_activation: str = "relu"  # or softmax (FF-attn)
 
 
 def trim_and_cache_size(z: Tensor | None, s: Settings) -> tuple[int, int]:
@@ -64,20 +66,25 @@ def layer(p: dict[str, Tensor], i: int, x: Tensor, cache: Tensor, s: Settings):
     distances = torch.arange(1, n_ctx + 1)
     pos = p["pos_emb"][:n_ctx]  # row delta - 1 = p_delta
 
+    mode = s.memory_mode
+    ctx_heads = n_heads // 2 if mode == "head_split" else n_heads  # heads that see the context
     outs = []
     for t in range(n_block):
         seen = n_ctx + t - distances  # rows at distance 1..n_ctx, never t itself
-        q = (x[:, t] @ w_q.T).view(batch, n_heads, head_dim)
-        keys = (ctx[:, seen] @ w_k.T).view(batch, n_ctx, n_heads, head_dim)
-        vals = (ctx[:, seen] @ w_v.T).view(batch, n_ctx, n_heads, head_dim)
-        scores = torch.einsum("bhe,bjhe->bhj", q, keys) + torch.einsum("bhe,je->bhj", q, pos)
-        scores = scores / math.sqrt(head_dim)
-        if mem_key is not None:
+        q_full = x[:, t] @ w_q.T  # (B, d), the query before the head split
+        q = q_full.view(batch, n_heads, head_dim)
+        q_ctx = q[:, :ctx_heads]
+        keys = (ctx[:, seen] @ w_k.T).view(batch, n_ctx, ctx_heads, head_dim)
+        vals = (ctx[:, seen] @ w_v.T).view(batch, n_ctx, ctx_heads, head_dim)
+        scores = torch.einsum("bhe,bjhe->bhj", q_ctx, keys)
+        scores = (scores + torch.einsum("bhe,je->bhj", q_ctx, pos)) / math.sqrt(head_dim)
+        joint = mode == "joint" and mem_key is not None
+        if joint:
             pers_keys = mem_key * math.sqrt(head_dim)
             pers = torch.einsum("bhe,hen->bhn", q, pers_keys) / math.sqrt(head_dim)
             scores = torch.cat([scores, pers], dim=-1)
         a = torch.softmax(scores, dim=-1)
-        a_ctx, a_pers = a[..., :n_ctx], a[..., n_ctx:]
+        a_ctx, a_pers = a[..., :n_ctx], a[..., n_ctx:]  # a_pers empty unless joint
         if s.adapt_span:
             m = (z[:, None] * s.attn_span - (distances[None, :] - 1)) / s.span_ramp + 1
             m = torch.clamp(m, 0, 1)  # (H, L)
@@ -86,15 +93,30 @@ def layer(p: dict[str, Tensor], i: int, x: Tensor, cache: Tensor, s: Settings):
             a_ctx = a_ctx / total
             a_pers = a_pers / total
         o = torch.einsum("bhj,bjhe->bhe", a_ctx, vals)
-        if mem_val is not None:
+        if joint:
             n_mem = mem_val.shape[1]
             o = o + torch.einsum("bhn,hne->bhe", a_pers, mem_val * math.sqrt(n_mem))
+        elif mem_key is not None:  # the persistent vectors with a softmax of their own
+            width, n_mem = mem_key.shape[1], mem_key.shape[2]
+            pers_keys = mem_key * math.sqrt(width)  # (H', width, N)
+            pers_vals = mem_val * math.sqrt(n_mem)  # (H', N, width)
+            if mode == "single_head":
+                w = torch.softmax(q_full @ pers_keys[0] / math.sqrt(width), dim=-1)  # (B, N)
+                o = o.reshape(batch, d) + w @ pers_vals[0]
+            else:
+                q_mem = q if mode == "attn_split" else q[:, ctx_heads:]
+                pers = torch.einsum("bhe,hen->bhn", q_mem, pers_keys) / math.sqrt(width)
+                o_mem = torch.einsum("bhn,hne->bhe", torch.softmax(pers, dim=-1), pers_vals)
+                o = o + o_mem if mode == "attn_split" else torch.cat([o, o_mem], dim=1)
         outs.append(o.reshape(batch, d) @ w_o.T)
     attn = torch.stack(outs, dim=1)
 
     h = F.layer_norm(x + attn, (d,), p[pre + "norm1.weight"], p[pre + "norm1.bias"], 1e-5)
     if pre + "ff.fc1.weight" in p:
-        hidden = torch.relu(h @ p[pre + "ff.fc1.weight"].T + p[pre + "ff.fc1.bias"])
+        if s.ff_activation == "softmax":  # FF-attn: no bias inside the softmax
+            hidden = torch.softmax(h @ p[pre + "ff.fc1.weight"].T, dim=-1)
+        else:
+            hidden = torch.relu(h @ p[pre + "ff.fc1.weight"].T + p[pre + "ff.fc1.bias"])
         ff = hidden @ p[pre + "ff.fc2.weight"].T + p[pre + "ff.fc2.bias"]
         h = F.layer_norm(h + ff, (d,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], 1e-5)
     keep = min(cache_size, n_cached + n_block)

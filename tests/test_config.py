@@ -24,6 +24,16 @@ from allattn.config import load_preset
         (dict(span_ramp=0), r"--model.span_ramp \(0\) must be a positive integer"),
         (dict(renorm_eps=-1.0), r"--model.renorm_eps"),
         (dict(attn_span=2.5), r"--model.attn_span must be an integer, not 2.5"),
+        (
+            dict(memory_mode="attn_split", n_persistent=0),
+            r"--model.memory_mode attn_split needs persistent vectors",
+        ),
+        (
+            dict(memory_mode="head_split", n_heads=1, d_model=16),
+            r"head_split needs an even --model.n_heads \(1\)",
+        ),
+        (dict(ff_activation="softmax"), r"--model.ff_activation softmax needs an FF sublayer"),
+        (dict(memory_mode="split"), r"--model.memory_mode"),
     ],
 )
 def test_impossible_values_are_rejected(changes, message):

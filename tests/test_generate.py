@@ -29,6 +29,11 @@ CASES = {
         adaptive_div=2,
         adaptive_tied=False,
     ),
+    # The paper's other integrations of persistent memory (DESIGN §2.9).
+    "attn-split": dict(n_persistent=8, span_init=0.1, memory_mode="attn_split"),
+    "head-split": dict(n_persistent=8, span_init=0.1, memory_mode="head_split"),
+    "single-head": dict(n_persistent=8, span_init=0.1, memory_mode="single_head"),
+    "FF-attn": dict(n_persistent=0, d_inner=48, ff_activation="softmax", span_init=0.1),
 }
 
 

@@ -35,6 +35,8 @@ def settings(config: ModelConfig, trim: bool = True) -> reference.Settings:
         adapt_cache=config.adapt_cache,
         renorm_eps=config.renorm_eps,
         trim=trim,
+        memory_mode=config.memory_mode,
+        ff_activation=config.ff_activation,
     )
 
 
@@ -140,6 +142,20 @@ CASES = {
     "adaptive I/O, untied": dict(config=cfg(**ADAPTIVE, adaptive_tied=False)),
     "adaptive I/O, one cutoff, FF baseline": dict(
         config=cfg(**ADAPTIVE | {"adaptive_cutoffs": (5,)}, n_persistent=0, d_inner=24)
+    ),
+    # The paper's other integrations of the persistent vectors (DESIGN §2.9, Fig. 2 right).
+    "attn-split": dict(config=cfg(memory_mode="attn_split"), z=TRIMMED_AND_FULL),
+    "attn-split, no span": dict(config=cfg(memory_mode="attn_split", adapt_span=False)),
+    # 4 heads: the first 2 read the context (and have spans), the last 2 their memory.
+    "head-split": dict(config=cfg(memory_mode="head_split", n_heads=4), z=TRIMMED_AND_FULL),
+    "head-split, no span": dict(config=cfg(memory_mode="head_split", adapt_span=False)),
+    "single-head": dict(config=cfg(memory_mode="single_head"), z=TRIMMED_AND_FULL),
+    "single-head, z = 0": dict(config=cfg(memory_mode="single_head"), z=[[0.0, 0.0]] * 2),
+    "FF-attn": dict(
+        config=cfg(n_persistent=0, d_inner=24, ff_activation="softmax"), z=TRIMMED_AND_FULL
+    ),
+    "FF-attn, no span": dict(
+        config=cfg(n_persistent=0, d_inner=24, ff_activation="softmax", adapt_span=False)
     ),
 }
 
@@ -305,8 +321,11 @@ def test_span_loss_clamp_and_stats():
     assert model.span_stats() == {"span_avg": (37 + 104) / 2, "span_max": 192.0}
 
 
-def test_dropout_changes_training_only():
-    model = build(cfg(dropout=0.5, emb_dropout=0.2), TRIMMED_AND_FULL)
+@pytest.mark.parametrize(
+    "changes", [{}, {"memory_mode": "attn_split"}, {"memory_mode": "single_head"}]
+)
+def test_dropout_changes_training_only(changes):
+    model = build(cfg(dropout=0.5, emb_dropout=0.2, **changes), TRIMMED_AND_FULL)
     seq = torch.randint(0, VOCAB, (2, 9))
     model.eval()
     a = model(seq[:, :-1], seq[:, 1:]).loss
@@ -336,6 +355,11 @@ if __name__ == "__main__":
         {"n_layers": 3, "n_heads": 4, "attn_span": 7},
         {"adaptive_io": True, "adaptive_cutoffs": (3, 6), "adaptive_div": 2},
         {"adaptive_io": True, "adaptive_cutoffs": (5,), "adaptive_tied": False},
+        {"memory_mode": "attn_split"},
+        {"memory_mode": "head_split", "n_heads": 4},
+        {"memory_mode": "head_split", "adapt_span": False},
+        {"memory_mode": "single_head"},
+        {"n_persistent": 0, "d_inner": 24, "ff_activation": "softmax"},
     ],
 )
 def test_parameter_count_from_the_config_is_the_model_s(changes):
@@ -345,3 +369,19 @@ def test_parameter_count_from_the_config_is_the_model_s(changes):
     config = config.replace(**changes)
     assert parameter_count(config) == AllAttentionLM(config).num_parameters()
     assert skeleton(config).num_parameters() == parameter_count(config)
+
+
+def test_parameter_counts_of_the_integration_variants():
+    """DESIGN §2.9 at d 16, H 2, N 6, two layers with spans: attn-split and single-head keep the
+    all-attention count; head-split drops the unused heads' memory, keys, values and spans;
+    FF-attn is the FF baseline without fc1's bias."""
+    from allattn.model import parameter_count
+
+    joint = parameter_count(cfg())
+    assert parameter_count(cfg(memory_mode="attn_split")) == joint
+    assert parameter_count(cfg(memory_mode="single_head")) == joint
+    # per layer: half of 2*N*d (persistent), half of 2*d*d (keys and values), 1 span parameter
+    dropped = 2 * (6 * 16 + 16 * 16 + 1)
+    assert parameter_count(cfg(memory_mode="head_split")) == joint - dropped
+    ff = parameter_count(cfg(n_persistent=0, d_inner=24))
+    assert parameter_count(cfg(n_persistent=0, d_inner=24, ff_activation="softmax")) == ff - 48

@@ -25,6 +25,8 @@ AttnImpl = Literal["auto", "chunked", "reference", "flex"]
 Optimizer = Literal["adagrad", "adam"]
 Precision = Literal["fp32", "bf16", "fp16", "fp64"]
 CheckpointChoice = Literal["best", "last"]
+MemoryMode = Literal["joint", "attn_split", "head_split", "single_head"]
+FFActivation = Literal["relu", "softmax"]
 
 DEFAULT_PRESET = "tiny"
 
@@ -198,6 +200,18 @@ class ModelConfig(Settings):
     d_inner: int = setting(
         0, "feed-forward inner size; 0 = no FF sublayer (the all-attention layer)"
     )
+    memory_mode: MemoryMode = setting(
+        "joint",
+        "how the persistent vectors meet the context (DESIGN §2.9, the paper's Fig. 2): joint "
+        "(one softmax, the all-attention layer), attn_split (two softmaxes per head, outputs "
+        "added), head_split (half the heads read only the context, half only their persistent "
+        "vectors), single_head (one full-width persistent memory per layer, its own softmax)",
+    )
+    ff_activation: FFActivation = setting(
+        "relu",
+        "the FF sublayer's activation: relu (the transformer), or softmax over the d_inner "
+        "units with no bias inside it (FF-attn, DESIGN §2.9)",
+    )
     attn_span: int = setting(512, "maximum attention span S (previous tokens a query can see)")
     adapt_span: bool = setting(True, "learn a soft span per head (adaptive attention span)")
     span_ramp: int = setting(32, "length R of the soft span mask's linear ramp")
@@ -258,6 +272,20 @@ class ModelConfig(Settings):
             f"--model.span_loss_coef ({self.span_loss_coef}) must be >= 0",
         )
         _require(self.renorm_eps >= 0.0, f"--model.renorm_eps ({self.renorm_eps}) must be >= 0")
+        _require(
+            self.memory_mode == "joint" or self.n_persistent > 0,
+            f"--model.memory_mode {self.memory_mode} needs persistent vectors "
+            "(--model.n_persistent > 0)",
+        )
+        _require(
+            self.memory_mode != "head_split" or self.n_heads % 2 == 0,
+            f"--model.memory_mode head_split needs an even --model.n_heads ({self.n_heads})",
+        )
+        _require(
+            self.ff_activation == "relu" or self.d_inner > 0,
+            f"--model.ff_activation {self.ff_activation} needs an FF sublayer "
+            "(--model.d_inner > 0)",
+        )
         self._require_ints(1, "adaptive_div")
         if self.adaptive_io:
             self._validate_adaptive()
@@ -297,6 +325,11 @@ class ModelConfig(Settings):
     def head_dim(self) -> int:
         """D = d_model / n_heads."""
         return self.d_model // self.n_heads
+
+    @property
+    def context_heads(self) -> int:
+        """Heads that attend to the context: all of them, or the first half with head_split."""
+        return self.n_heads // 2 if self.memory_mode == "head_split" else self.n_heads
 
     @property
     def kind(self) -> str:

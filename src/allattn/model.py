@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import persistent_memory
 from .adaptive_io import AdaptiveIO
 from .adaptive_span import AdaptiveSpan
 from .attention import attend
@@ -45,35 +46,52 @@ class LMOutput:
 
 
 class MultiHeadAttention(nn.Module):
-    """Projections (no bias), adaptive span and persistent memory around `attention.attend`."""
+    """Projections (no bias), adaptive span and persistent memory around `attention.attend`.
+
+    `memory_mode` (DESIGN §2.9) says how the persistent vectors meet the context: `joint`, the
+    all-attention layer, puts them in every head's softmax over the context; the paper's other
+    integrations read them with a softmax of their own (`persistent_memory.read`) and add or
+    concatenate the result: `attn_split` (every head, added to its context output),
+    `head_split` (the first H/2 heads read only the context, the others only their memory; the
+    keys, values, spans and persistent vectors a head does not use are not allocated) and
+    `single_head` (one memory of width d read by the unsplit query, added to the concatenated
+    heads). The span mask and its renormalisation act on the context slots of the heads that
+    read the context (with a separate memory: the context alone, as without memory).
+    """
 
     def __init__(self, config: ModelConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
+        self.context_heads = config.context_heads
         self.head_dim = config.head_dim
+        self.memory_mode = config.memory_mode
         self.dropout = config.dropout
         self.renorm_eps = config.renorm_eps
         self.attn_impl = attn_impl
         """The kernel (`attention.attend`'s impl): a run-time choice, not architecture."""
+        context_width = self.context_heads * self.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, context_width, bias=False)
+        self.v_proj = nn.Linear(d, context_width, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
         self.span = (
-            AdaptiveSpan(config.n_heads, config.attn_span, config.span_ramp, config.span_init)
+            AdaptiveSpan(self.context_heads, config.attn_span, config.span_ramp, config.span_init)
             if config.adapt_span
             else None
         )
-        self.memory = (
-            PersistentMemory(config.n_heads, config.head_dim, config.n_persistent)
-            if config.n_persistent
-            else None
-        )
+        self.memory = None
+        if config.n_persistent:
+            heads, width = config.n_heads, config.head_dim
+            if config.memory_mode == "head_split":
+                heads = config.n_heads - self.context_heads
+            elif config.memory_mode == "single_head":
+                heads, width = 1, d
+            self.memory = PersistentMemory(heads, width, config.n_persistent)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
-        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, *, D)
+        return x.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, *, D)
 
     def _project(self, proj: nn.Linear, cached: Tensor, h: Tensor) -> Tensor:
         # Cached rows and block rows separately: the cached rows are detached, so backward
@@ -108,33 +126,64 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, h, keys, values, pos, impl, fixed) -> Tensor:
         batch, n_queries, d_model = h.shape
         span_mask, mem_key, mem_val = fixed
+        queries = self.q_proj(h)  # (B, M, d)
+        q = self._heads(queries)  # (B, H, M, D)
+        joint = self.memory_mode == "joint"
+        memory_out = None
+        if not joint and mem_key is not None and mem_val is not None:
+            # Read first: its dropout mask is drawn before the context's, as the joint
+            # softmax's persistent mask is.
+            if self.memory_mode == "single_head":
+                memory_q = queries[:, None]  # (B, 1, M, d): the query before the head split
+            else:
+                memory_q = q[:, self.n_heads - mem_key.size(0) :]  # every head, or the last H/2
+            memory_out = persistent_memory.read(
+                memory_q, mem_key, mem_val, dropout=self.dropout, training=self.training
+            )
         out = attend(
-            self._heads(self.q_proj(h)),
+            q[:, : self.context_heads],
             keys,
             values,
             pos,
             span_mask=span_mask,
-            mem_key=mem_key,
-            mem_val=mem_val,
+            mem_key=mem_key if joint else None,
+            mem_val=mem_val if joint else None,
             renorm_eps=self.renorm_eps,
             dropout=self.dropout,
             training=self.training,
             impl=impl,
-        )  # (B, H, M, D)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, n_queries, d_model))
+        )  # (B, H, M, D): every head, or the context heads with head_split
+        if memory_out is not None and self.memory_mode == "attn_split":
+            out = out + memory_out
+        elif memory_out is not None and self.memory_mode == "head_split":
+            out = torch.cat([out, memory_out], dim=1)
+        out = out.transpose(1, 2).reshape(batch, n_queries, d_model)
+        if memory_out is not None and self.memory_mode == "single_head":
+            out = out + memory_out[:, 0]
+        return self.out_proj(out)
 
 
 class FeedForward(nn.Module):
-    """W2 dropout(relu(W1 h + b1)) + b2, the sublayer the all-attention layer replaces."""
+    """W2 dropout(relu(W1 h + b1)) + b2, the sublayer the all-attention layer replaces; with
+    `ff_activation = softmax` (FF-attn, DESIGN §2.9) W2 dropout(softmax(W1 h)) + b2: the rows
+    of W1 and columns of W2 as persistent keys and values read by an attention of their own
+    (no bias inside the softmax; the softmax in float32 under autocast)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, config.d_inner)
+        self.softmax = config.ff_activation == "softmax"
+        self.fc1 = nn.Linear(config.d_model, config.d_inner, bias=not self.softmax)
         self.fc2 = nn.Linear(config.d_inner, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(h))))
+        x = self.fc1(h)
+        if self.softmax:
+            low_precision = x.dtype in (torch.float16, torch.bfloat16)
+            x = x.softmax(-1, dtype=torch.float32 if low_precision else None).to(x.dtype)
+        else:
+            x = F.relu(x)
+        return self.fc2(self.dropout(x))
 
 
 class AllAttentionLayer(nn.Module):
@@ -197,7 +246,7 @@ class AllAttentionLayer(nn.Module):
         """The key/value cache of `init_cache(batch_size)`: C zero rows."""
         attn = self.attn
         like = self.norm1.weight
-        return KVCache(batch_size, attn.n_heads, attn.head_dim, self.cache_size(), like)
+        return KVCache(batch_size, attn.context_heads, attn.head_dim, self.cache_size(), like)
 
     def _sublayers(self, h: Tensor, attn_out: Tensor) -> Tensor:
         h = self.norm1(h + attn_out)
@@ -425,10 +474,13 @@ def parameter_count(config: ModelConfig) -> int:
     """The parameters `AllAttentionLM(config)` has, from the config alone (no model is built,
     so absurd sizes are refused before any memory is taken)."""
     d, n, inner = config.d_model, config.n_persistent, config.d_inner
-    layer = 4 * d * d + 2 * d  # projections, norm1
-    layer += config.n_heads if config.adapt_span else 0  # span parameters z
-    layer += 2 * d * n  # persistent keys and values: H * D * N each
-    layer += 2 * d * inner + inner + d + 2 * d if inner else 0  # FF and norm2
+    context_width = config.context_heads * config.head_dim  # d, or d / 2 with head_split
+    layer = 2 * d * d + 2 * d * context_width + 2 * d  # projections, norm1
+    layer += config.context_heads if config.adapt_span else 0  # span parameters z
+    memory_width = d - context_width if config.memory_mode == "head_split" else d
+    layer += 2 * memory_width * n  # persistent keys and values: H * D * N each (or 1 * d * N)
+    fc1_bias = inner if config.ff_activation == "relu" else 0  # no bias inside a softmax
+    layer += 2 * d * inner + fc1_bias + d + 2 * d if inner else 0  # FF and norm2
     return _io_parameters(config) + config.attn_span * config.head_dim + config.n_layers * layer
 
 
