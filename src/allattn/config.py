@@ -388,6 +388,12 @@ class TrainConfig(Settings):
         8, "streams of the full evaluation (`allattn eval` of this run; 8 as the original)"
     )
     seed: int = setting(0, "seed of initialisation, dropout and wrap-around offsets")
+    tensorboard: bool = setting(
+        False,
+        "also write metrics.jsonl's scalars as TensorBoard events to RUN_DIR/tensorboard "
+        "(needs the tensorboard extra: pip install 'allattn[tensorboard]')",
+        resumable=True,
+    )
     exact_resume: bool = setting(
         True,
         "resume with the saved stream positions, caches and RNG states; false = the original "

@@ -7,7 +7,8 @@ authors later corrected), both nats / ln 2; word level as perplexity (ppl, exp n
 A run directory's `metrics.jsonl` holds one JSON object per validation, in step order. It is
 appended before the checkpoint of the same step is written, so a run killed in between holds a
 record (possibly torn: a last line without its newline) beyond its checkpoint; `truncate`, run
-on resume, drops it, and the resumed run writes it again.
+on resume, drops it, and the resumed run writes it again. With `--train.tensorboard` the same
+scalars also go to TensorBoard event files in RUN_DIR/tensorboard (`TensorBoard`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .config import ConfigError
 
 METRICS = "metrics.jsonl"
 """The metrics log of a run directory."""
+TENSORBOARD = "tensorboard"
+"""The TensorBoard event files of a run directory (`--train.tensorboard`)."""
 
 
 def bits(nats: float) -> float:
@@ -76,10 +80,12 @@ class MetricsError(ValueError):
 
 
 class MetricsLog:
-    """`metrics.jsonl` of a run directory: appended at every validation, read back in order."""
+    """`metrics.jsonl` of a run directory: appended at every validation, read back in order;
+    with `tensorboard`, every record's scalars also go to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / METRICS
+        self.tensorboard = TensorBoard(Path(run_dir) / TENSORBOARD) if tensorboard else None
 
     def append(self, record: dict[str, Any]) -> None:
         try:
@@ -89,6 +95,12 @@ class MetricsLog:
             raise atomic.WriteError(
                 error.errno, f"cannot write {self.path}: {error.strerror or error}"
             ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def records(self, torn_ok: bool = False) -> list[dict[str, Any]]:
         """The records in order; `torn_ok`: ignore a last line cut short by a crash."""
@@ -119,6 +131,8 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Keep only the records up to `step`: a crash between a validation and its checkpoint
         (or inside the append) leaves one beyond it, which the resumed run writes again."""
+        if self.tensorboard is not None:
+            self.tensorboard.purge_after(step)
         if not self.path.exists():
             return
         kept = [r for r in self.records(torn_ok=True) if r["step"] <= step]
@@ -126,3 +140,55 @@ class MetricsLog:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        if self.tensorboard is not None:
+            self.tensorboard.clear()
+
+
+def require_tensorboard() -> None:
+    """Refuse `--train.tensorboard` in one line where the tensorboard package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--train.tensorboard needs the tensorboard package: pip install 'allattn[tensorboard]'"
+        ) from None
+
+
+class TensorBoard:
+    """TensorBoard events of the metrics records: each number under its metrics.jsonl key (the
+    per-head spans as spans/layer_L/head_H), at the record's step. The writer opens at the
+    first record; after `purge_after(step)` (a resume) it drops events beyond that step."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.writer: Any = None
+        self.purge_step: int | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory), purge_step=self.purge_step)
+        step = record["step"]
+        for key, value in record.items():
+            if key == "spans":
+                for layer, heads in enumerate(value):
+                    for head, span in enumerate(heads):
+                        self.writer.add_scalar(f"spans/layer_{layer}/head_{head}", span, step)
+            elif key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def purge_after(self, step: int) -> None:
+        self.purge_step = step + 1
+
+    def clear(self) -> None:
+        """A fresh run in this directory: the events of an earlier one go."""
+        if self.directory.is_dir():
+            for path in self.directory.glob("events.out.tfevents.*"):
+                path.unlink()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

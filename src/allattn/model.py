@@ -465,6 +465,11 @@ class AllAttentionLM(nn.Module):
             "span_max": float(max(span.max_span() for span in spans)),
         }
 
+    def head_spans(self) -> list[list[float]]:
+        """Each layer's per-head learned span z_h * S in positions (rounded to 0.01; the soft
+        mask reaches R further); empty without adaptive span."""
+        return [[round(z * span.attn_span, 2) for z in span.z.tolist()] for span in self._spans()]
+
     def num_parameters(self) -> int:
         """Distinct parameters (each span parameter counted once)."""
         return sum(p.numel() for p in self.parameters())

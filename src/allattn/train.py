@@ -55,7 +55,7 @@ from .config import (
     setting,
 )
 from .data import Corpus, CorpusError, Streams, Vocabulary, load_corpus
-from .metrics import METRICS, MetricsLog, measure
+from .metrics import METRICS, MetricsLog, measure, require_tensorboard
 from .model import AllAttentionLM, Cache, parameter_count
 from .optim import Optimizer
 
@@ -553,12 +553,15 @@ def _start(
     require_memory(config)
     device = runtime.check(config.runtime, distributed.current().gpu_slot)
     flex.require_trainable(config, device)
+    if config.train.tensorboard:
+        require_tensorboard()
     metrics = None
     if main:
         held.enter_context(lock.hold(run_dir))
         for path in atomic.remove_stale(run_dir):
             log.info("removed %s, left by an interrupted write", path)
-        metrics = MetricsLog(run_dir)
+        metrics = MetricsLog(run_dir, tensorboard=config.train.tensorboard)
+        held.callback(metrics.close)
     trainer = Trainer(config, corpus, run_dir)
     if resume:
         _resume(trainer, metrics, fallback, verify)
@@ -737,6 +740,13 @@ def _loop(
     )
 
 
+def _head_spans(model: AllAttentionLM) -> dict[str, list[list[float]]]:
+    """The metrics record's `spans`: each layer's per-head learned span z_h * S (none without
+    adaptive span)."""
+    spans = model.head_spans()
+    return {"spans": spans} if spans else {}
+
+
 def _loss_scale(optimizer: Optimizer) -> dict[str, float]:
     """The metrics record's `loss_scale` (fp16 runs only)."""
     scale = optimizer.loss_scale
@@ -769,6 +779,7 @@ def _validate(
         "lr": stats["lr"],
         "grad_norm": stats["grad_norm"],
         **trainer.model.span_stats(),
+        **_head_spans(trainer.model),
         **_loss_scale(trainer.optimizer),
         "tokens_per_s": tokens / max(now - interval_start, 1e-9),
         "elapsed_s": now - start,
