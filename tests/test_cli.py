@@ -25,6 +25,11 @@ def one_line(capsys) -> str:
         ("enwik8_large_ff", "114,146,797"),
         ("wt103", "132,493,746"),
         ("wt103_ff", "132,622,770"),
+        # the adaptive-span transformer baselines (DESIGN §3.1 (b))
+        ("enwik8_transformer_small", "38,538,541"),
+        ("enwik8_transformer_large", "208,910,221"),
+        ("text8_transformer_small", "38,357,116"),
+        ("text8_transformer_large", "208,638,172"),
     ],
 )
 def test_print_config_shows_the_paper_parameter_counts(preset, params, capsys):
