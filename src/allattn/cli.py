@@ -27,6 +27,7 @@ from . import (
     evaluate,
     flags,
     generate,
+    plot,
     prepare,
     runtime,
     train,
@@ -224,6 +225,12 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plot(args: argparse.Namespace) -> int:
+    out = plot.run(flags.settings(plot.PlotOptions, args))
+    print(f"wrote {out}")
+    return 0
+
+
 def _bench_commands() -> list[Command]:
     return [
         Command(
@@ -304,6 +311,15 @@ def _commands() -> list[Command]:
             "...}) into an allattn checkpoint: weights, inferred config, vocabulary.",
             (ImportFiles, ImportOptions),
             _run_import_original,
+        ),
+        Command(
+            "plot",
+            "draw runs' learning curves and spans (needs the plot extra)",
+            "Draw the learning curves of one or more runs (train and validation against steps "
+            "and against wall-clock time, overlaid) and each run's per-head spans over "
+            "training, from their metrics.jsonl; a run in progress can be drawn.",
+            (plot.PlotOptions,),
+            _run_plot,
         ),
         Command(
             "info",

@@ -34,7 +34,8 @@ DEFAULT_PRESET = "tiny"
 def setting(default: Any, help: str, *, resumable: bool = False, **metadata: Any) -> Any:
     """A settings field. `resumable`: a model field that acts in training only, so a resumed
     run may change it. Other metadata: `positional` (a positional argument on the command
-    line), `parse` (turns the command-line text into the value), `metavar`."""
+    line; with `nargs="+"` one or more, a tuple), `parse` (turns the command-line text into the
+    value), `metavar`."""
     if default is dataclasses.MISSING:
         return field(metadata={"help": help, "resumable": resumable, **metadata})
     return field(default=default, metadata={"help": help, "resumable": resumable, **metadata})
@@ -155,6 +156,12 @@ class Settings:
                 all(INT_MIN <= v <= INT_MAX for v in value), f"{flag} ({value}) is out of range"
             )
             object.__setattr__(self, name, tuple(value))  # TOML and JSON give lists
+        elif kind is tuple and typing.get_args(hint) == (str, Ellipsis):
+            _require(
+                isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
+                f"{flag} must be a list of strings, not {value!r}",
+            )
+            object.__setattr__(self, name, tuple(value))  # the command line gives a list
 
     def validate(self) -> None:
         """Checks beyond the types and the choices of `Literal` fields (overridden by the

@@ -27,7 +27,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
         helptext = f.metadata["help"]
         required = f.default is dataclasses.MISSING
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, choices=options, help=helptext)
+            nargs = f.metadata.get("nargs")  # "+": one or more values, a list
+            parser.add_argument(f.name, nargs=nargs, choices=options, help=helptext)
             continue
         if kind is bool:
             parser.add_argument(

@@ -119,6 +119,18 @@ class MetricsLog:
             records.append(self._parse(last, len(lines)))
         return records
 
+    def torn(self) -> bool:
+        """Whether the last line lacks its newline (cut short by a crash, or still being
+        written)."""
+        try:
+            with self.path.open("rb") as f:
+                if f.seek(0, 2) == 0:
+                    return False
+                f.seek(-1, 2)
+                return f.read(1) != b"\n"
+        except FileNotFoundError:
+            return False
+
     def _parse(self, line: str, number: int) -> dict[str, Any]:
         try:
             record = json.loads(line)
