@@ -31,13 +31,13 @@ demo: $(STAMP)
 		--temperature 0.8 --seed 0
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks reproduction
+	$(VENV)/bin/ruff format --check src tests examples benchmarks reproduction
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests examples benchmarks
-	$(VENV)/bin/ruff check --fix src tests examples benchmarks
+	$(VENV)/bin/ruff format src tests examples benchmarks reproduction
+	$(VENV)/bin/ruff check --fix src tests examples benchmarks reproduction
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

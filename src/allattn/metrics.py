@@ -159,7 +159,7 @@ class MetricsLog:
 def require_tensorboard() -> None:
     """Refuse `--train.tensorboard` in one line where the tensorboard package is missing."""
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         raise ConfigError(
             "--train.tensorboard needs the tensorboard package: pip install 'allattn[tensorboard]'"
