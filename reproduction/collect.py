@@ -140,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     ylabel = f"test {name}\n(mean ± std over seeds)"
     rel = Path("figures")
+    low, high = min(r["parameters"] for r in runs), max(r["parameters"] for r in runs)
+    train = runs[0]["config"]["train"]
+    seen = runs[0]["steps"] * train["batch_size"] * train["block_size"]
+    lines += [
+        "## Summary",
+        "",
+        "The paper's claims were made for 38M-114M-parameter models trained for 200k-450k steps "
+        f"on 100M characters; here the models have {low / 1e6:.2f}M-{high / 1e6:.2f}M "
+        f"parameters and each sees {seen / 1e6:.2f}M tokens. A claim that fails here is not "
+        "refuted at the paper's scale, and one that holds here is not confirmed there.",
+        "",
+    ]
+    for claim, data in claims.items():
+        state = verdict(claim, data["models"]).split(":")[0]
+        text = CLAIMS[claim][0].lower() + CLAIMS[claim][1:]
+        lines.append(f"- Claim {claim[-1]}, {text}: **{state}**.")
+    lines.append("")
     for claim, data in claims.items():
         models = data["models"]
         lines += [f"## {claim[-1]}. {CLAIMS[claim]}", "", *table(models, unit), ""]
