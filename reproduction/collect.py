@@ -17,6 +17,7 @@ sqrt(s1^2/n1 + s2^2/n2)):
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import math
@@ -27,7 +28,8 @@ from study import RESULTS
 
 from allattn import plot
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 CLAIMS = {
     "claim1": "At equal parameters the all-attention network matches the transformer",
     "claim2": "Without persistent vectors (N = 0, FF removed) the network performs poorly",
@@ -35,6 +37,14 @@ CLAIMS = {
     "claim4": "A joint softmax beats the other ways of integrating persistent vectors "
     "(Fig. 2, right)",
 }
+
+
+def description(claim: str) -> str:
+    """The claim script's docstring (what it compares, and how the parameters compare), as
+    one paragraph."""
+    script = next(HERE.glob(f"{claim}_*.py"))
+    text = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return " ".join(text.split()) + f" (`reproduction/{script.name}`)"
 
 
 def se(a: dict, b: dict) -> float:
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     for claim, data in claims.items():
         models = data["models"]
-        lines += [f"## {claim[-1]}. {CLAIMS[claim]}", "", *table(models, unit), ""]
+        lines += [f"## {claim[-1]}. {CLAIMS[claim]}", "", description(claim), ""]
+        lines += [*table(models, unit), ""]
         lines += [f"**Verdict at this scale: {verdict(claim, models)}.**", ""]
         results = [plot.Result(m["label"], m["mean"], m["std"], len(m["values"])) for m in models]
         out = figures / f"{claim}.png"

@@ -46,6 +46,9 @@ def test_round_trip_and_unknown_fields():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.kind == "transformer" and ModelConfig().kind == "all-attention"
     assert ModelConfig(n_persistent=0).kind == "attention-only"
+    assert ModelConfig(memory_mode="single_head").kind == "all-attention (single_head)"
+    softmax_ff = ModelConfig(n_persistent=0, d_inner=8, ff_activation="softmax")
+    assert softmax_ff.kind == "transformer (FF-attn)"
     with pytest.raises(ConfigError, match=r"unknown model config field.*nb_layers"):
         ModelConfig.from_dict({"nb_layers": 3})
     assert cfg.head_dim == 64

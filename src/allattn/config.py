@@ -340,14 +340,20 @@ class ModelConfig(Settings):
 
     @property
     def kind(self) -> str:
-        """'all-attention', 'transformer' (FF baseline), 'hybrid' or 'attention-only' (ablation)."""
+        """'all-attention', 'transformer' (FF baseline), 'hybrid' or 'attention-only' (ablation),
+        with the Fig. 2 variant in brackets when there is one: 'all-attention (attn_split)',
+        'transformer (FF-attn)'."""
         if self.n_persistent and not self.d_inner:
-            return "all-attention"
-        if self.d_inner and not self.n_persistent:
-            return "transformer"
-        if self.d_inner and self.n_persistent:
-            return "hybrid"
-        return "attention-only"
+            kind = "all-attention"
+        elif self.d_inner and not self.n_persistent:
+            kind = "transformer"
+        elif self.d_inner and self.n_persistent:
+            kind = "hybrid"
+        else:
+            kind = "attention-only"
+        variants = [self.memory_mode] if self.memory_mode != "joint" else []
+        variants += ["FF-attn"] if self.ff_activation == "softmax" else []
+        return f"{kind} ({', '.join(variants)})" if variants else kind
 
 
 @dataclass(frozen=True, kw_only=True)
