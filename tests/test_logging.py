@@ -59,17 +59,8 @@ def test_a_resume_from_an_earlier_step_drops_later_events(tmp_path, data_dir):  
     assert [s for s, _ in scalars(run / "tensorboard")["valid_loss"]] == [4, 8]
 
 
-def test_tensorboard_missing_is_one_line(tmp_path, data_dir, monkeypatch):  # noqa: F811
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tensorboard(name, *args, **kwargs):
-        if name == "tensorboard" or name.startswith("tensorboard."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+def test_tensorboard_missing_is_one_line(tmp_path, data_dir, hide_package):  # noqa: F811
+    hide_package("tensorboard")
     with pytest.raises(ConfigError, match=r"--train.tensorboard needs the tensorboard package"):
         train.run(small_config(data_dir, tensorboard=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -92,16 +92,7 @@ def test_study_charts(tmp_path):
     assert out.read_bytes().startswith(PNG)
 
 
-def test_matplotlib_missing_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_matplotlib_missing_is_one_line(run_dir, tmp_path, hide_package, capsys):
+    hide_package("matplotlib")
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "allattn plot needs matplotlib: pip install 'allattn[plot]'" in capsys.readouterr().err
