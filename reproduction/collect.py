@@ -104,6 +104,30 @@ def table(models: list[dict], unit: str) -> list[str]:
     return lines
 
 
+def spans_table(runs: list[dict], order: list[str]) -> list[str]:
+    """Do the spans move? Each model's learned spans z·S over heads, layers and seeds at the
+    first and the last validation."""
+    by_model: dict[str, list[dict]] = {name: [] for name in order}
+    for run in runs:
+        by_model.setdefault(run["model"], []).append(run)
+    lines = ["## Do the spans move?", "",
+             "Each head's learned span z·S (tokens; the soft mask reaches R = 32 further), over "
+             "all heads, layers and seeds, at the first validation and at the last:", "",
+             "| model | first: mean | first: max | last: mean | last: max |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for model_runs in by_model.values():
+        cells = []
+        for index in (0, -1):
+            spans = [s for r in model_runs for layer in r["records"][index].get("spans", [])
+                     for s in layer]  # fmt: skip
+            if not spans:  # no runs, or no adaptive span
+                break
+            cells += [f"{sum(spans) / len(spans):.1f}", f"{max(spans):.1f}"]
+        if cells:
+            lines.append(f"| {model_runs[0]['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="write the reproduction report")
     parser.add_argument("--quick", action="store_true")
@@ -180,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plot.bars(results, out, title=CLAIMS[claim], ylabel=ylabel)
         lines += [f"![{claim}]({rel / out.name})", ""]
-    runs = [("joint", "all-attention"), ("ff", "transformer"), ("no_memory", "attention only")]
-    curves = [plot.read_run(source / "runs" / m / "seed0_run", label)
-              for m, label in runs if (source / "runs" / m / "seed0_run").is_dir()]  # fmt: skip
+    order = [m["model"] for data in claims.values() for m in data["models"]]
+    lines += spans_table(runs, list(dict.fromkeys(order)))
+    runs_shown = [
+        ("joint", "all-attention"),
+        ("ff", "transformer"),
+        ("no_memory", "attention only"),
+    ]
+    shown = [(source / "runs" / m / "seed0_run", label) for m, label in runs_shown]
+    curves = [plot.read_run(path, label) for path, label in shown if path.is_dir()]
     if curves:
         plot.learning_curves(curves, figures / "curves.png")
         lines += ["## Learning curves and spans (seed 0)", "",
-                  "Do the spans move? Each head's learned span z·S at every validation:", "",
+                  "The learning curves, and each head's learned span z·S at every validation:", "",
                   f"![curves]({rel / 'curves.png'})", ""]  # fmt: skip
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines))

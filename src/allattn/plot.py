@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,7 @@ def bars(
 ) -> Path:
     """A bar per configuration with its standard deviation over seeds (the paper's Fig. 2,
     right); the axis starts near the lowest bar so that differences stay visible."""
-    figure, axes = _figure(1, 1, (1.6 + 1.3 * len(results), 4))
+    figure, axes = _figure(1, 1, (max(6.0, 2.2 * len(results)), 4.5))
     ax = axes[0][0]
     x = range(len(results))
     ax.bar(
@@ -213,13 +214,14 @@ def bars(
         capsize=5,
         color=_colours(len(results)),
     )
-    ax.set_xticks(list(x), [f"{r.label}\n({r.seeds} seeds)" for r in results], fontsize="small")
+    names = [f"{textwrap.fill(r.label, 18)}\n({r.seeds} seeds)" for r in results]
+    ax.set_xticks(list(x), names, fontsize="small")
     low = min(r.mean - r.std for r in results)
     high = max(r.mean + r.std for r in results)
     margin = max(high - low, 1e-3) * 0.5
     ax.set_ylim(low - margin, high + margin)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60))
     ax.grid(axis="y", alpha=0.3)
     return _save(figure, out, dpi)
 
@@ -243,7 +245,7 @@ def sweep(
     ax.set_xticks(list(xs), [str(int(x)) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60))
     ax.grid(alpha=0.3)
     return _save(figure, out, dpi)
 
