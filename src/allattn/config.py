@@ -405,7 +405,6 @@ class TrainConfig(Settings):
         False,
         "also write metrics.jsonl's scalars as TensorBoard events to RUN_DIR/tensorboard "
         "(needs the tensorboard extra: pip install 'allattn[tensorboard]')",
-        resumable=True,
     )
     exact_resume: bool = setting(
         True,
