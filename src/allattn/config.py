@@ -351,7 +351,7 @@ class ModelConfig(Settings):
             kind = "hybrid"
         else:
             kind = "attention-only"
-        variants = [self.memory_mode] if self.memory_mode != "joint" else []
+        variants: list[str] = [self.memory_mode] if self.memory_mode != "joint" else []
         variants += ["FF-attn"] if self.ff_activation == "softmax" else []
         return f"{kind} ({', '.join(variants)})" if variants else kind
 
