@@ -24,6 +24,7 @@ from pathlib import Path
 from allattn import evaluate, train
 from allattn.config import RunConfig, load_preset
 from allattn.evaluate import EvalConfig
+from allattn.metrics import MetricsLog
 from allattn.model import parameter_count
 
 HERE = Path(__file__).resolve().parent
@@ -89,7 +90,7 @@ def run_model(model: Model, seed: int, *, quick: bool, data: str, work: Path) ->
     trained = train.run(config, run_dir, overwrite=True, progress=False)
     train_s = time.perf_counter() - start
     test = evaluate.run(EvalConfig(checkpoint=str(run_dir), split="test"))
-    records = [json.loads(line) for line in (run_dir / train.METRICS).open()]
+    records = MetricsLog(run_dir).records()
     result = {
         "model": model.name,
         "label": model.label,

@@ -104,8 +104,13 @@ class MetricsLog:
 
     def records(self, torn_ok: bool = False) -> list[dict[str, Any]]:
         """The records in order; `torn_ok`: ignore a last line cut short by a crash."""
+        return self.read(torn_ok)[0]
+
+    def read(self, torn_ok: bool = False) -> tuple[list[dict[str, Any]], bool]:
+        """`records(torn_ok)`, and whether the last line lacks its newline (cut short by a
+        crash, or still being written), from one read of the file."""
         if not self.path.exists():
-            return []
+            return [], False
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -117,19 +122,7 @@ class MetricsLog:
             records.append(self._parse(line, number))
         if last and not torn_ok:
             records.append(self._parse(last, len(lines)))
-        return records
-
-    def torn(self) -> bool:
-        """Whether the last line lacks its newline (cut short by a crash, or still being
-        written)."""
-        try:
-            with self.path.open("rb") as f:
-                if f.seek(0, 2) == 0:
-                    return False
-                f.seek(-1, 2)
-                return f.read(1) != b"\n"
-        except FileNotFoundError:
-            return False
+        return records, bool(last)
 
     def _parse(self, line: str, number: int) -> dict[str, Any]:
         try:

@@ -80,8 +80,8 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Curves:
     metrics = MetricsLog(path)
     if not metrics.path.is_file():
         raise PlotError(f"{path}: no {METRICS} (no validation has run yet)")
-    records = metrics.records(torn_ok=True)
-    if metrics.torn():
+    records, torn = metrics.read(torn_ok=True)
+    if torn:
         log.warning("%s: skipped a truncated last line (a run still writing?)", metrics.path)
     if not records:
         raise PlotError(f"{metrics.path}: no records yet")
