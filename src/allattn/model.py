@@ -43,6 +43,9 @@ class LMOutput:
     """span_loss_coef * S * mean_h(z_h), summed over layers: add it to the training loss only."""
     loss: Tensor | None = None
     """Mean negative log-likelihood of `targets` (nats), when targets were given."""
+    target_logprobs: Tensor | None = None
+    """log p(target) of each position, (B, M), when targets were given: for scores that
+    weigh or leave out positions (`allattn.evaluate.score`)."""
 
 
 class MultiHeadAttention(nn.Module):
@@ -340,6 +343,29 @@ class AllAttentionLM(nn.Module):
         for layer in self._layers():
             layer.attn.attn_impl = attn_impl
 
+    @torch.no_grad()
+    def set_attn_span(self, attn_span: int) -> None:
+        """Attend over `attn_span` positions instead of the trained S (an evaluation option,
+        DESIGN §3 protocol unchanged otherwise): every layer keeps that many cached rows, and
+        distances beyond S, which have no learned relative position, get the zero vector (the
+        content score alone); a shorter span drops the farthest positions. Only without
+        adaptive span: the learned spans mask every distance beyond z·S + R <= S + R, so a
+        longer span would change nothing, and they are fractions of S."""
+        if self.config.adapt_span:
+            raise ValueError(
+                "an evaluation span other than the trained one needs a fixed-span model "
+                "(adapt_span false): the learned spans mask everything beyond them"
+            )
+        if attn_span < 1:
+            raise ValueError(f"the attention span must be positive, not {attn_span}")
+        table = self.pos_emb.new_zeros(attn_span, self.config.head_dim)
+        kept = min(attn_span, self.pos_emb.size(0))
+        table[:kept] = self.pos_emb[:kept]
+        self.pos_emb = nn.Parameter(table, requires_grad=self.pos_emb.requires_grad)
+        for layer in self._layers():
+            layer.attn_span = attn_span
+        self.config = self.config.replace(attn_span=attn_span)
+
     def init_cache(self, batch_size: int) -> Cache:
         """Zero caches for `batch_size` streams, each of its layer's current cache size."""
         return [layer.init_cache(batch_size) for layer in self._layers()]
@@ -369,20 +395,26 @@ class AllAttentionLM(nn.Module):
             h, layer_cache = layer(h, layer_cache, self.pos_emb)
             new_cache.append(layer_cache)
         h = self.emb_dropout(h)
-        distribution = loss = None
+        distribution = loss = picked = None
         if self.adaptive is not None:
             if targets is None or logprobs:
                 distribution = self.adaptive.logprobs(h)  # (B, M, V)
             if targets is not None:
-                loss = -self.adaptive.target_logprobs(h, targets).mean()
+                picked = self.adaptive.target_logprobs(h, targets)  # (B, M)
+                loss = -picked.mean()
                 if torch.is_grad_enabled():
                     loss = loss + self.adaptive.zero_term()
         else:
             distribution = self._logprobs(h)  # (B, M, V)
             if targets is not None:
                 loss = F.nll_loss(distribution.flatten(0, 1), targets.flatten())
+                picked = distribution.gather(-1, targets[..., None]).squeeze(-1)  # (B, M)
         return LMOutput(
-            logprobs=distribution, cache=new_cache, span_loss=self.span_loss(), loss=loss
+            logprobs=distribution,
+            cache=new_cache,
+            span_loss=self.span_loss(),
+            loss=loss,
+            target_logprobs=picked,
         )
 
     def _embed(self, tokens: Tensor) -> Tensor:
