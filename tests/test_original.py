@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -524,3 +525,38 @@ def test_word_level_layout_errors(tmp_path, capsys):
     refused(mixed, *train, message="are float32, float64; allattn imports weights that are all")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     refused(sd, "--train-txt", str(tmp_path / "latin1.txt"), message="not UTF-8")
+
+
+def test_an_imported_checkpoint_starts_a_training_run(files, tmp_path):
+    """Fine-tuning the authors' models: import, then --train.init_from (new optimiser)."""
+    from allattn import train
+    from allattn.config import OptimConfig, RunConfig, TrainConfig
+    from allattn.data import Corpus
+
+    tmp, train_txt, vocab_path = files
+    model = make_model(config())
+    original_tokens = read_original_vocabulary(train_txt)
+    original = write_original(tmp / "model.pt", model, allattn_vocab(), original_tokens)
+    imported = tmp / "imported.safetensors"
+    import_original(original, imported, train_txt=train_txt, vocab=vocab_path)
+    rng = np.random.default_rng(0)
+    sizes = {"train": 400, "valid": 100, "test": 100}
+    splits = {s: rng.integers(0, len(allattn_vocab()), size=n) for s, n in sizes.items()}
+    Corpus(allattn_vocab(), splits, {"name": "bytes"}).save(tmp_path / "data")
+    run = RunConfig(
+        model=config(dropout=0.0),  # the training-only dropout may differ from the original's
+        optim=OptimConfig(lr=1e-30, warmup_steps=1),  # a negligible step: the import's weights
+        train=TrainConfig(
+            data=str(tmp_path / "data"),
+            batch_size=2,
+            block_size=8,
+            steps=1,
+            eval_interval=1,
+            init_from=str(imported),
+        ),
+    )
+    train.run(run, tmp_path / "tuned")
+    tuned = checkpoint.load(tmp_path / "tuned" / train.LAST)
+    assert tuned.meta["step"] == 1 and tuned.config == config(dropout=0.0)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tuned.weights[name], tensor, rtol=0, atol=1e-12)

@@ -230,3 +230,50 @@ def test_fp16_loss_scaling_trains_resumes_and_logs_the_scale(tmp_path, data_dir,
     records = [json.loads(r) for r in (straight / train.METRICS).read_text().splitlines()]
     assert all(r["loss_scale"] == 2.0**16 for r in records)
     assert "scaler" in checkpoint.load(straight / train.LAST).state["optimizer"]
+
+
+def test_a_run_starts_from_another_runs_weights(tmp_path, data_dir, capsys):
+    """--train.init_from: the checkpoint's model and weights, a new optimiser, step 0."""
+    from allattn.cli import main
+
+    source = tmp_path / "source"
+    train.run(small_config(data_dir, steps=4), source)
+    start = weights(source, train.BEST)
+    options = train.TrainOptions(out=str(tmp_path / "tuned"))
+    overrides = {
+        "train.init_from": str(source),
+        "train.data": data_dir,
+        "train.steps": "1",
+        "train.eval_interval": "1",
+        "train.batch_size": "4",
+        "train.block_size": "8",
+        "model.dropout": "0.0",  # training-only: may change
+    }
+    config, run_dir = train.resolve_config(options, overrides)
+    assert config.model == checkpoint.load(source).config.replace(dropout=0.0)
+    # One step from those weights with a fresh optimiser (the preset's): Adagrad's first step
+    # moves each weight by at most the warmed-up learning rate.
+    result = train.run(config, run_dir)
+    assert result.step == 1
+    tuned = checkpoint.load(run_dir / train.LAST)
+    assert tuned.meta["step"] == 1 and tuned.run_config.train.init_from == str(source)
+    moved = [(tuned.weights[k] - start[k]).abs().max().item() for k in start]
+    first_lr = config.optim.lr / config.optim.warmup_steps
+    assert 0 < max(moved) <= first_lr * (1 + 1e-5)
+
+    capsys.readouterr()
+
+    def error(*extra):
+        argv = ["train", "--data", data_dir, "--out", str(tmp_path / "other"), "--force"]
+        argv += ["--train.batch_size", "4", "--train.block_size", "8", "--train.steps", "1"]
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    init = ("--train.init_from", str(source))
+    assert "--model.d_model 32 differs from the checkpoint" in error(*init, "--model.d_model", "32")
+    assert "does not exist" in error("--train.init_from", str(tmp_path / "missing.safetensors"))
+    other = tmp_path / "other_data"
+    char_corpus("xyz xyz\n" * 80, (0.6, 0.2, 0.2)).save(other)
+    assert "differs" in error(*init, "--data", str(other))

@@ -273,6 +273,19 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     return _check_meta(path, _json(path, metadata["meta"], "meta"))
 
 
+def load_model_config(path: str | Path, select: CheckpointChoice = "best") -> ModelConfig:
+    """Only the model config of a checkpoint (or of a run directory's `select` checkpoint),
+    from the header alone."""
+    path = resolve(path, select)
+    metadata = _read_metadata(path)
+    if "config" not in metadata:
+        raise CheckpointError(f"{path}: bad checkpoint metadata (no config)")
+    try:
+        return ModelConfig.from_dict(_json(path, metadata["config"], "config"))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path}: bad model config in the checkpoint ({error})") from None
+
+
 def load_run_config(path: str | Path) -> RunConfig | None:
     """Only the run config of a checkpoint (None if no run wrote it), from the header alone."""
     path = Path(path)

@@ -406,6 +406,12 @@ class TrainConfig(Settings):
         "also write metrics.jsonl's scalars as TensorBoard events to RUN_DIR/tensorboard "
         "(needs the tensorboard extra: pip install 'allattn[tensorboard]')",
     )
+    init_from: str = setting(
+        "",
+        "start from the weights of this checkpoint (file or run directory's best: allattn's "
+        "own, or one converted by `allattn import-original`) with a new optimiser, at step 0; "
+        "the model section is the checkpoint's (only its training-only fields may change)",
+    )
     exact_resume: bool = setting(
         True,
         "resume with the saved stream positions, caches and RNG states; false = the original "

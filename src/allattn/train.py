@@ -129,7 +129,32 @@ def resolve_config(options: TrainOptions, overrides: dict[str, str]) -> tuple[Ru
         preset = options.preset or DEFAULT_PRESET
         base = load_preset(preset)
         run_dir = Path(options.out or f"runs/{Path(preset).stem}")
-    return base.override(assignments), run_dir
+    config = base.override(assignments)
+    if config.train.init_from and not options.resume:
+        config = _model_of_init(config, assignments)
+    return config, run_dir
+
+
+def _model_of_init(config: RunConfig, assignments: dict[str, str]) -> RunConfig:
+    """With --train.init_from: the checkpoint's model section, with the training-only fields
+    (dropout, span loss) the command line sets; any other model flag must agree with it."""
+    source = config.train.init_from
+    saved = checkpoint.load_model_config(source)
+    changes = {}
+    for key in assignments:
+        section, _, name = key.partition(".")
+        if section != "model":
+            continue
+        value = getattr(config.model, name)
+        if name in RESUMABLE_MODEL_FIELDS:
+            changes[name] = value
+        elif value != getattr(saved, name):
+            raise ConfigError(
+                f"--model.{name} {value} differs from the checkpoint --train.init_from {source} "
+                f"({getattr(saved, name)}); only {', '.join(sorted(RESUMABLE_MODEL_FIELDS))} "
+                "may change"
+            )
+    return config.replace(model=saved.replace(**changes))
 
 
 def adopt_vocabulary(config: RunConfig, vocab: Vocabulary) -> RunConfig:
@@ -547,6 +572,9 @@ def _start(
             f"{config.train.data or 'the bundled corpus'} has {corpus.vocab.describe()} "
             "(prepare a word-level corpus, or add --model.adaptive_io false)"
         )
+    initial = None
+    if config.train.init_from and not resume:
+        initial = _initial_weights(config, corpus, verify)
     if config.model.vocab_size != len(corpus.vocab):
         log.info("vocabulary of the data: %d tokens (--model.vocab_size)", len(corpus.vocab))
         config = adopt_vocabulary(config, corpus.vocab)
@@ -565,10 +593,15 @@ def _start(
     trainer = Trainer(config, corpus, run_dir)
     if resume:
         _resume(trainer, metrics, fallback, verify)
-    elif metrics is not None:
-        metrics.clear()
-        for name in (BEST, LAST):
-            (run_dir / name).unlink(missing_ok=True)
+    else:
+        if initial is not None:
+            checkpoint.check_weights(trainer.model.state_dict(), initial.weights, initial.path)
+            trainer.model.load_state_dict(initial.weights)
+            log.info("initialised from %s", checkpoint.describe(initial))
+        if metrics is not None:
+            metrics.clear()
+            for name in (BEST, LAST):
+                (run_dir / name).unlink(missing_ok=True)
     if main:
         atomic.write_bytes(run_dir / CONFIG, config.to_toml().encode())
     log.info(
@@ -625,6 +658,32 @@ def _resume(trainer: Trainer, metrics: MetricsLog | None, fallback: bool, verify
         log.info("wrote %s: step %d, the best, had not been copied", best, trainer.step)
     metrics.truncate(trainer.step)
     log.info("resumed %s at step %d", saved.path, trainer.step)
+
+
+def _initial_weights(config: RunConfig, corpus: Corpus, verify: bool) -> checkpoint.Checkpoint:
+    """The checkpoint of --train.init_from, checked against the new run: the same model config
+    (`resolve_config` took it from there, training-only fields aside) and vocabulary. Its
+    optimiser state, streams, caches and step are not used."""
+    source = config.train.init_from
+    saved = checkpoint.load(source, verify=verify)
+    data = config.train.data or "the bundled corpus"
+    if saved.vocab is not None:
+        saved.vocab.require_same(corpus.vocab, str(saved.path), data)
+    elif saved.config.vocab_size != len(corpus.vocab):
+        raise CheckpointError(
+            f"{saved.path} has {saved.config.vocab_size} tokens and no vocabulary; {data} has "
+            f"{corpus.vocab.describe()}"
+        )
+    old, new = saved.config.to_dict(), config.model.to_dict()
+    changed = [
+        k for k in old if old[k] != new[k] and k not in (*RESUMABLE_MODEL_FIELDS, "vocab_size")
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{saved.path}: its model has {changed[0]} {old[changed[0]]}, the run "
+            f"{new[changed[0]]} (--train.init_from keeps the checkpoint's model)"
+        )
+    return saved
 
 
 def _restore(trainer: Trainer, saved: checkpoint.Checkpoint) -> checkpoint.Checkpoint:
