@@ -214,7 +214,9 @@ def test_eval_cli_protocols(tmp_path, capsys):
     corpus = char_corpus("abcdefg\n" * 400, (0.8, 0.1, 0.1))
     corpus.save(tmp_path / "data")
     path = tmp_path / "m.safetensors"
-    checkpoint.save(path, _model(SPAN_CFG.replace(vocab_size=len(corpus.vocab))), vocab=corpus.vocab)
+    checkpoint.save(
+        path, _model(SPAN_CFG.replace(vocab_size=len(corpus.vocab))), vocab=corpus.vocab
+    )
     fixed = tmp_path / "fixed.safetensors"
     fixed_cfg = SPAN_CFG.replace(vocab_size=len(corpus.vocab), adapt_span=False, adapt_cache=False)
     checkpoint.save(fixed, _model(fixed_cfg), vocab=corpus.vocab)

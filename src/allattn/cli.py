@@ -27,6 +27,7 @@ from . import (
     evaluate,
     flags,
     generate,
+    hub,
     plot,
     prepare,
     runtime,
@@ -225,9 +226,30 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export_hf(args: argparse.Namespace) -> int:
+    out = hub.run(flags.settings(hub.ExportHFOptions, args))
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
 def _run_plot(args: argparse.Namespace) -> int:
     out = plot.run(flags.settings(plot.PlotOptions, args))
     print(f"wrote {out}")
+    return 0
+
+
+def _run_lm_eval(argv: list[str]) -> int:
+    """The harness's own command line (its flags, passed through) with `allattn` registered."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "allattn lm-eval: lm-evaluation-harness is not installed: "
+            "pip install 'allattn[lm-eval]'"
+        ) from None
+    from . import harness
+
+    harness.main(argv)
     return 0
 
 
@@ -313,6 +335,16 @@ def _commands() -> list[Command]:
             _run_import_original,
         ),
         Command(
+            "export-hf",
+            "write a run's checkpoint as a Hugging Face Hub directory with a model card",
+            "Write config.json, model.safetensors, vocab.json and a model card (README.md: the "
+            "model, its run's config, and its test-split evaluation, run here when the data is "
+            "available) for `allattn.hub.from_pretrained`, the Hub's web pages, or `hf upload` / "
+            "`allattn.hub.push_to_hub` (the hub extra).",
+            (hub.ExportHFOptions,),
+            _run_export_hf,
+        ),
+        Command(
             "plot",
             "draw runs' learning curves and spans (needs the plot extra)",
             "Draw the learning curves of one or more runs (train and validation against steps "
@@ -360,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark the attention layer per kernel, a whole training step, or generation",
         description="Benchmarks; each prints a table or line and its JSON.",
     )
+    commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the allattn model (needs the lm-eval extra)",
+        description="The harness's command line (`lm_eval`'s flags) with the model type "
+        "`allattn` registered and chosen: allattn lm-eval --model_args "
+        "checkpoint=RUN_DIR[,block_size=M,batch_size=B,device=...] --tasks wikitext. See "
+        "allattn.harness for how each request type is scored.",
+        add_help=False,
+    )
     benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for command in _bench_commands():
         _add(benches, command)
@@ -386,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with a one-line message)."""
     try:
         runtime.keep_allocations()  # reuse freed memory: no fresh mmap per large tensor
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+            return _run_lm_eval(argv[1:])
         args, extra = build_parser().parse_known_args(argv)
         _configure_logging(args.quiet or not distributed.detect().main)  # rank 0's log only
         flags.reject_extra(extra, args.sections)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from .adaptive_span import AdaptiveSpan
 from .attention import attend
 from .config import ModelConfig
 from .persistent_memory import PersistentMemory
+
+if TYPE_CHECKING:
+    from .data import Vocabulary
 
 Cache = list[Tensor]
 """One tensor per layer, (B, C_l, d): the layer's inputs from previous blocks (detached)."""
@@ -115,10 +119,14 @@ class MultiHeadAttention(nn.Module):
             self.memory.values() if self.memory is not None else None,
         )
 
+    def block_kv(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of the block's own rows, (B, H, M, D) each."""
+        return self._heads(self.k_proj(h)), self._heads(self.v_proj(h))
+
     def forward_kv(self, h: Tensor, kv: KVCache, pos: Tensor) -> Tensor:
         """Inference from a cache of the context's keys and values instead of its inputs (the
         weights do not change, so they need not be recomputed); appends the block's own."""
-        kv.append(self._heads(self.k_proj(h)), self._heads(self.v_proj(h)))
+        kv.append(*self.block_kv(h))
         keys, values = kv.last(pos.size(0) + h.size(1))  # (B, H, L+M, D) views
         if kv.fixed is None:  # computed once per cache: the weights do not change
             kv.fixed = self.fixed(pos.size(0))
@@ -505,6 +513,37 @@ class AllAttentionLM(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (each span parameter counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path, *, vocab: Vocabulary | None = None) -> Path:
+        """Write a Hugging Face Hub directory (config.json, model.safetensors, vocab.json, a
+        model card): `allattn.hub.save_pretrained`, which also records a run for the card."""
+        from . import hub  # the Hub's module only when asked for
+
+        return hub.save_pretrained(self, directory, vocab=vocab)
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str | Path, *, revision: str | None = None, token: str | bool | None = None
+    ) -> AllAttentionLM:
+        """The model (eval mode, CPU) of a Hub directory or a Hub repository "owner/name"
+        (huggingface_hub needed); `allattn.hub.from_pretrained` also gives its vocabulary."""
+        from . import hub
+
+        return hub.from_pretrained(name, revision=revision, token=token).model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        vocab: Vocabulary | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Upload the model (and `vocab`) to the Hub repository `repo_id`, created if need be
+        (`allattn.hub.push_to_hub`, huggingface_hub needed); returns its URL."""
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, vocab=vocab, private=private, token=token)
 
 
 def parameter_count(config: ModelConfig) -> int:
