@@ -78,3 +78,12 @@ def test_log_softmax_runs_in_float32_under_half_precision():
     h = torch.randn(4, 32, dtype=torch.bfloat16)
     assert module.target_logprobs(h, torch.tensor([0, 7, 20, 45])).dtype == torch.float32
     assert module.logprobs(h).dtype == torch.float32
+
+
+def test_embedding_every_cluster_equals_the_embedding():
+    """The traceable form (`torch.export`) gives the same embeddings (up to the rounding of
+    products over other rows), with empty clusters too."""
+    torch.manual_seed(0)
+    io = AdaptiveIO(30, 16, (5, 12), 2, tied=True).double()
+    tokens = torch.tensor([[0, 4, 5, 11, 12, 29], [3, 3, 3, 3, 3, 3]])
+    torch.testing.assert_close(io.embed_every_cluster(tokens), io.embed(tokens), rtol=0, atol=1e-12)

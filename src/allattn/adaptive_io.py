@@ -104,6 +104,20 @@ class AdaptiveIO(nn.Module):
             out = self.projections[0].new_zeros(flat.numel(), self.d_model)
         return (out * self.scale).view(*tokens.shape, self.d_model)
 
+    def embed_every_cluster(self, tokens: Tensor) -> Tensor:
+        """`embed` without data-dependent shapes, for `torch.export`: every cluster embeds
+        every token (its ids clamped into range) and keeps the rows that are its own: the same
+        embeddings up to rounding, at the cost of every cluster's product for every token
+        (fine for decoding's few tokens per step)."""
+        out = self.projections[0].new_zeros(*tokens.shape, self.d_model)
+        for i, (lo, hi) in enumerate(self.clusters()):
+            mine = (tokens >= lo) & (tokens < hi)
+            rows = F.linear(
+                self.tables[i]((tokens - lo).clamp(0, hi - lo - 1)), self.projections[i]
+            )
+            out = torch.where(mine[..., None], rows, out)
+        return out * self.scale
+
     # -- output ------------------------------------------------------------------------------
     def _tail_logits(self, i: int, h: Tensor) -> Tensor:
         return F.linear(h @ self._projection(i, True), self._out_table(i), self.out_bias[i])

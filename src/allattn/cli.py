@@ -25,6 +25,7 @@ from . import (
     checkpoint,
     distributed,
     evaluate,
+    export,
     flags,
     generate,
     hub,
@@ -226,6 +227,12 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    out = export.run(flags.settings(export.ExportOptions, args))
+    print(f"wrote {out}")
+    return 0
+
+
 def _run_export_hf(args: argparse.Namespace) -> int:
     out = hub.run(flags.settings(hub.ExportHFOptions, args))
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
@@ -333,6 +340,16 @@ def _commands() -> list[Command]:
             "...}) into an allattn checkpoint: weights, inferred config, vocabulary.",
             (ImportFiles, ImportOptions),
             _run_import_original,
+        ),
+        Command(
+            "export",
+            "export the incremental decoding step (torch.export .pt2, or ONNX)",
+            "Export one decoding step of a checkpoint's model: tokens (B, M) and each layer's "
+            "key and value caches in, log-probabilities and the updated caches out, as a "
+            "torch.export program (.pt2, its metadata inside) or an ONNX model (.onnx, the "
+            "export extra). See allattn.export for the inputs, outputs and a generation loop.",
+            (export.ExportOptions,),
+            _run_export,
         ),
         Command(
             "export-hf",
