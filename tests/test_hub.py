@@ -445,3 +445,25 @@ def test_export_hf_command(trained_run, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     error(str(trained_run), str(tmp_path / "mine"), "--force")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_commands_read_a_hub_directory_as_a_checkpoint(trained_run, tmp_path, capsys):
+    from allattn.cli import main
+
+    out = tmp_path / "hf"
+    hub.export_hf(trained_run, out, evaluate=False)
+    ckpt = checkpoint.load(out)
+    original = checkpoint.load(trained_run)
+    assert ckpt.config == original.config and ckpt.vocab == original.vocab
+    assert ckpt.meta["step"] == original.meta["step"] and ckpt.run_config == original.run_config
+    assert all(torch.equal(ckpt.weights[k], original.weights[k]) for k in original.weights)
+    assert checkpoint.load_model_config(out) == original.config
+    assert main(["eval", "--checkpoint", str(out), "--json", "--quiet"]) == 0
+    from_hub = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(trained_run), "--json", "--quiet"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert from_hub["loss_nats"] == from_run["loss_nats"]
+    assert main(["generate", "--checkpoint", str(out), "--max-new-tokens", "5", "--seed", "0"]) == 0
+    (out / "model.safetensors").write_bytes(b"broken")
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err

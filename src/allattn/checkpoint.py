@@ -276,6 +276,10 @@ def load_meta(path: str | Path) -> dict[str, Any]:
 def load_model_config(path: str | Path, select: CheckpointChoice = "best") -> ModelConfig:
     """Only the model config of a checkpoint (or of a run directory's `select` checkpoint),
     from the header alone."""
+    if is_hub_directory(Path(path)):
+        from . import hub
+
+        return hub.load_checkpoint(path).config
     path = resolve(path, select)
     metadata = _read_metadata(path)
     if "config" not in metadata:
@@ -332,6 +336,12 @@ def best_of_run(run_dir: Path) -> Path | None:
     )
 
 
+def is_hub_directory(path: Path) -> bool:
+    """Whether `path` is a Hugging Face Hub directory (`allattn.hub`), which every reader of
+    checkpoints also reads, rather than a run directory."""
+    return path.is_dir() and (path / "config.json").is_file() and not (path / LAST).exists()
+
+
 def resolve(path: str | Path, select: CheckpointChoice = "best") -> Path:
     """A checkpoint file, or a run directory's best (else last) or last checkpoint."""
     path = Path(path)
@@ -362,7 +372,12 @@ def _check_tensors(path: Path, weights: dict[str, Tensor], state: dict[str, Tens
 def load(path: str | Path, select: CheckpointChoice = "best", verify: bool = True) -> Checkpoint:
     """Read a checkpoint file or a run directory's best (else last) or last checkpoint,
     tensors on the CPU, checked (see the module's doc; `verify=False` skips the checksum).
-    Errors name the file and the problem."""
+    Errors name the file and the problem. A Hugging Face Hub directory (`allattn.hub`) is read
+    too (its checksums checked unless `verify=False`)."""
+    if is_hub_directory(Path(path)):
+        from . import hub
+
+        return hub.load_checkpoint(path, verify)
     path = resolve(path, select)
     _require_file(path)
     try:

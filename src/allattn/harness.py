@@ -7,10 +7,11 @@ Importing this module registers the model type `allattn` with the harness; `alla
 
 (the harness finds models only in its own registry, so a bare `lm_eval --model allattn` works
 from Python after `import allattn.harness`, not from the shell). Model arguments:
-`checkpoint` (file or run directory), `select` (best|last), `batch_size` (the harness's
-`--batch_size`; default 8), `block_size` (tokens per forward pass; default: the run's),
-`device`, `precision`, `max_length` (refuse any request longer than this many tokens; default:
-none, see below) and `verify`.
+`checkpoint` (file or run directory), `select` (best|last), `block_size` (tokens per forward
+pass; default: the run's), `precision`, `max_length` (refuse any request longer than this many
+tokens; default: none, see below) and `verify`. The harness's own `--batch_size` (its default
+1; "auto" means 8 here) is how many requests are read at once, and its `--device` (its default
+cuda:0, read as the CPU where there is no CUDA) where.
 
 How requests are scored, with the machinery of `allattn evaluate` (`evaluate.score`):
     loglikelihood          the continuation's log-probability after the context, and whether

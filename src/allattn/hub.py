@@ -233,6 +233,22 @@ def from_pretrained(
     return _read(directory, where, attn_impl, verify)
 
 
+def load_checkpoint(directory: str | Path, verify: bool = True) -> checkpoint.Checkpoint:
+    """A local Hub directory as a `checkpoint.Checkpoint` (weights, config, vocabulary, step,
+    run config): what lets `allattn eval`, `generate`, `info`, `export` and `train
+    --train.init_from` read a Hub directory as they read a checkpoint file."""
+    pretrained = from_pretrained(Path(directory), verify=verify)
+    step = pretrained.info.get("step")
+    return checkpoint.Checkpoint(
+        config=pretrained.model.config,
+        weights=pretrained.model.state_dict(),
+        vocab=pretrained.vocab,
+        meta={"step": step} if step is not None else {},
+        run_config=pretrained.run_config,
+        path=Path(directory),
+    )
+
+
 def _download(
     repo_id: str,
     revision: str | None,
@@ -586,13 +602,13 @@ def _usage_lines(repo_id: str, has_vocab: bool) -> list[str]:
         'print(sample(model, vocab, "", max_new_tokens=200))',
         "```",
         "",
-        "Loading from the Hub needs `pip install 'allattn[hub]'`. The `allattn` command line "
-        "reads allattn checkpoints: write one, then sample from it (or `allattn eval` it):",
+        "Loading from the Hub needs `pip install 'allattn[hub]'`. The `allattn` commands read "
+        "a local copy of this repository as they read a checkpoint:",
         "",
         "```sh",
-        f"python -c \"from allattn import hub; hub.from_pretrained('{repo_id}')"
-        ".save_checkpoint('model.safetensors')\"",
-        "allattn generate --checkpoint model.safetensors --max-new-tokens 200",
+        f"hf download {repo_id} --local-dir {repo_id.rsplit('/', 1)[-1]}",
+        f'allattn generate --checkpoint {repo_id.rsplit("/", 1)[-1]} --prompt "" '
+        "--max-new-tokens 200",
         "```",
     ]
 
