@@ -446,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime.keep_allocations()  # reuse freed memory: no fresh mmap per large tensor
         argv = list(sys.argv[1:] if argv is None else argv)
         if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+            _configure_logging(quiet=False)
             return _run_lm_eval(argv[1:])
         args, extra = build_parser().parse_known_args(argv)
         _configure_logging(args.quiet or not distributed.detect().main)  # rank 0's log only

@@ -250,8 +250,7 @@ def independent_segments(length: int, pieces: int, warmup: int) -> list[Segment]
     pieces = min(pieces, targets)
     bounds = [1 + targets * i // pieces for i in range(pieces + 1)]
     return [
-        Segment(max(0, first - 1 - warmup), first, end)
-        for first, end in itertools.pairwise(bounds)
+        Segment(max(0, first - 1 - warmup), first, end) for first, end in itertools.pairwise(bounds)
     ]
 
 

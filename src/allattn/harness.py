@@ -246,11 +246,26 @@ def _batch_size(value: int | str | None) -> int:
     return size
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is when it writes (a caller may swap it, as tests do)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The harness's command line with the `allattn` model registered (`--model allattn` is
     added when no model is named)."""
     from lm_eval.__main__ import cli_evaluate
+    from lm_eval.utils import setup_logging
 
+    setup_logging()  # the harness's log handler, made once per process with the stderr of then
+    for handler in logging.getLogger("lm_eval").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.stream = _CurrentStderr()
     args = list(sys.argv[1:] if argv is None else argv)
     if "--model" not in args and not any(a.startswith("--model=") for a in args):
         args = ["--model", "allattn", *args]
