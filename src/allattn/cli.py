@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime.keep_allocations()  # reuse freed memory: no fresh mmap per large tensor
         argv = list(sys.argv[1:] if argv is None else argv)
-        if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+        if argv[:1] == ["lm-eval"]:  # the harness's own flags, its --help included
             _configure_logging(quiet=False)
             return _run_lm_eval(argv[1:])
         args, extra = build_parser().parse_known_args(argv)
