@@ -112,8 +112,8 @@ class EvalConfig(Settings):
             raise ConfigError("--window and --stride apply to --protocol sliding only")
         if self.window is not None and self.stride is not None and self.stride > self.window:
             raise ConfigError(
-                f"--stride ({self.stride}) is longer than --window ({self.window}): "
-                "tokens between windows would never be scored"
+                f"--stride ({self.stride}) is longer than --window ({self.window}): each "
+                "window scores the `stride` targets after the previous one, and must hold them"
             )
         if (self.protocol == "documents") != (self.separator is not None):
             raise ConfigError("--protocol documents and --separator TOKEN go together")
