@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm-evaluation-harness with the allattn model (needs the lm-eval extra)",
         description="The harness's command line (`lm_eval`'s flags) with the model type "
         "`allattn` registered and chosen: allattn lm-eval --model_args "
-        "checkpoint=RUN_DIR[,block_size=M,batch_size=B,device=...] --tasks wikitext. See "
-        "allattn.harness for how each request type is scored.",
+        "checkpoint=RUN_DIR[,block_size=M,precision=P,max_length=N] --batch_size B "
+        "--device D --tasks wikitext. See allattn.harness for how each request type is scored.",
         add_help=False,
     )
     benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
