@@ -276,10 +276,10 @@ def load_meta(path: str | Path) -> dict[str, Any]:
 def load_model_config(path: str | Path, select: CheckpointChoice = "best") -> ModelConfig:
     """Only the model config of a checkpoint (or of a run directory's `select` checkpoint),
     from the header alone."""
-    if is_hub_directory(Path(path)):
+    if _is_hub_layout(Path(path)):
         from . import hub
 
-        return hub.load_checkpoint(path).config
+        return hub.load_model_config(path)
     path = resolve(path, select)
     metadata = _read_metadata(path)
     if "config" not in metadata:
@@ -336,9 +336,10 @@ def best_of_run(run_dir: Path) -> Path | None:
     )
 
 
-def is_hub_directory(path: Path) -> bool:
-    """Whether `path` is a Hugging Face Hub directory (`allattn.hub`), which every reader of
-    checkpoints also reads, rather than a run directory."""
+def _is_hub_layout(path: Path) -> bool:
+    """Whether `path` is laid out as a Hugging Face Hub directory (a config.json, no run's
+    checkpoint): `allattn.hub` then reads it, and says so if it is not an allattn one
+    (`hub.is_hub_directory` is the strict test, of the config's format)."""
     return path.is_dir() and (path / "config.json").is_file() and not (path / LAST).exists()
 
 
@@ -374,7 +375,7 @@ def load(path: str | Path, select: CheckpointChoice = "best", verify: bool = Tru
     tensors on the CPU, checked (see the module's doc; `verify=False` skips the checksum).
     Errors name the file and the problem. A Hugging Face Hub directory (`allattn.hub`) is read
     too (its checksums checked unless `verify=False`)."""
-    if is_hub_directory(Path(path)):
+    if _is_hub_layout(Path(path)):
         from . import hub
 
         return hub.load_checkpoint(path, verify)

@@ -38,7 +38,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -63,7 +62,6 @@ from .model import AllAttentionLM
 log = logging.getLogger(__name__)
 
 Protocol = Literal["original", "independent", "sliding", "documents"]
-PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -158,11 +158,12 @@ def tokens(
                 logprobs = model.forward_kv(token[:, None], kv)
 
 
-def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
+def encode_prompt(vocab: Vocabulary, text: str, unknown: str | None = None) -> list[int]:
     """Token ids of a prompt; a newline is `<eos>` where the vocabulary has no newline token.
 
     An empty prompt starts from a newline. A character (or byte, or word) the vocabulary lacks
-    is an error naming it.
+    becomes the token `unknown` when given (and in the vocabulary), and is otherwise an error
+    naming it.
     """
     if not text:
         text = "\n"
@@ -176,6 +177,8 @@ def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
     ids = []
     for unit in units:
         token = newline if unit == "\n" else unit
+        if token not in vocab and unknown is not None and unknown in vocab:
+            token = unknown
         if token not in vocab:
             raise VocabularyError(
                 f"the prompt has {_describe(unit, vocab.level)}, which the model's "

@@ -35,14 +35,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import evaluate, generate, runtime
 from .checkpoint import describe, load_model
-from .config import ConfigError, RuntimeConfig
-from .data import EOS, Vocabulary, VocabularyError
+from .config import CheckpointChoice, ConfigError, RuntimeConfig
+from .data import Vocabulary, VocabularyError
 from .evaluate import Segment
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class AllAttentionHarnessLM(LM):
         self.model, ckpt = load_model(
             str(checkpoint),
             chosen.device,
-            select="last" if select == "last" else "best",
+            select=cast(CheckpointChoice, select),
             verify=bool(verify),
         )
         if ckpt.vocab is None:
@@ -114,8 +114,10 @@ class AllAttentionHarnessLM(LM):
         if self.block_size < 1 or (self.max_length is not None and self.max_length < 2):
             raise HarnessError("block_size must be positive and max_length at least 2")
         self.receptive_field = evaluate.receptive_field(self.model)
-        newline = "\n" if "\n" in self.vocab else EOS
-        self.prefix = self.vocab.id(newline) if newline in self.vocab else 0
+        try:  # a line break: "\n", or `<eos>` where the vocabulary has no "\n"
+            self.prefix = generate.encode_prompt(self.vocab, "\n")[0]
+        except VocabularyError:
+            self.prefix = 0  # neither: the vocabulary's first token
         """The token every request's first token is predicted from."""
         if unused:
             log.info("ignored model arguments: %s", ", ".join(sorted(unused)))
@@ -126,16 +128,8 @@ class AllAttentionHarnessLM(LM):
         """Token ids of `text` (empty for ""); unknown words become `<unk>` if it exists."""
         if not text:
             return []
-        try:
-            return generate.encode_prompt(self.vocab, text)
-        except VocabularyError:
-            if UNKNOWN not in self.vocab or self.vocab.level != "word":
-                raise
-        unknown = self.vocab.id(UNKNOWN)
-        units = [w for line in text.split("\n") for w in (*line.split(), "\n")][:-1]
-        newline = "\n" if "\n" in self.vocab else EOS
-        tokens = [newline if unit == "\n" else unit for unit in units]
-        return [self.vocab.id(t) if t in self.vocab else unknown for t in tokens]
+        unknown = UNKNOWN if self.vocab.level == "word" else None
+        return generate.encode_prompt(self.vocab, text, unknown)
 
     def _check_length(self, tokens: int, what: str) -> None:
         if self.max_length is not None and tokens > self.max_length:

@@ -35,13 +35,13 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from . import __version__, atomic, checkpoint, runtime
+from . import __version__, atomic, checkpoint
 from .checkpoint import CheckpointError, verify_setting
 from .config import CheckpointChoice, ModelConfig, RunConfig, Settings, setting
 from .data import CorpusError, Vocabulary, VocabularyError
 from .evaluate import EvalConfig, EvalResult
 from .evaluate import run as run_evaluation
-from .model import AllAttentionLM, parameter_count, skeleton
+from .model import AllAttentionLM
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +237,12 @@ def load_checkpoint(directory: str | Path, verify: bool = True) -> checkpoint.Ch
     """A local Hub directory as a `checkpoint.Checkpoint` (weights, config, vocabulary, step,
     run config): what lets `allattn eval`, `generate`, `info`, `export` and `train
     --train.init_from` read a Hub directory as they read a checkpoint file."""
-    pretrained = from_pretrained(Path(directory), verify=verify)
-    step = pretrained.info.get("step")
-    return checkpoint.Checkpoint(
-        config=pretrained.model.config,
-        weights=pretrained.model.state_dict(),
-        vocab=pretrained.vocab,
-        meta={"step": step} if step is not None else {},
-        run_config=pretrained.run_config,
-        path=Path(directory),
-    )
+    return _read_checkpoint(Path(directory), str(directory), verify)[1]
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    """Only the model config of a local Hub directory (its config.json)."""
+    return _configs(_read_config(Path(directory), str(directory)), str(directory))[0]
 
 
 def _download(
@@ -298,14 +294,33 @@ def _download(
 
 
 def _read(directory: Path, where: str, attn_impl: str, verify: bool) -> Pretrained:
-    """A Hub directory's contents, checked; errors name `where`."""
-    info = _read_config(directory, where)
+    """A Hub directory's model and contents, checked; errors name `where`."""
+    info, ckpt = _read_checkpoint(directory, where, verify)
+    try:
+        model = ckpt.build_model(attn_impl)
+    except CheckpointError as error:
+        raise HubError(str(error)) from None
+    return Pretrained(model, ckpt.vocab, info, ckpt.run_config, directory)
+
+
+def _configs(info: dict[str, Any], where: str) -> tuple[ModelConfig, RunConfig | None]:
+    """The model and run configs of a config.json."""
     try:
         config = ModelConfig.from_dict(info["model"])
         run_values = info.get("run_config")
         run_config = RunConfig.from_dict(run_values) if run_values is not None else None
     except (ValueError, TypeError, AttributeError) as error:
         raise HubError(f"{where}/{CONFIG}: bad config ({_first_line(error)})") from None
+    return config, run_config
+
+
+def _read_checkpoint(
+    directory: Path, where: str, verify: bool
+) -> tuple[dict[str, Any], checkpoint.Checkpoint]:
+    """config.json and the directory's contents as a checkpoint (weights, config, vocabulary,
+    step, run config), checked but not built into a model; errors name `where`."""
+    info = _read_config(directory, where)
+    config, run_config = _configs(info, where)
     checksums = info["sha256"]
     vocab = None
     if info.get("vocab") is not None:
@@ -327,14 +342,15 @@ def _read(directory: Path, where: str, attn_impl: str, verify: bool) -> Pretrain
         raise HubError(f"{where}/{WEIGHTS} is corrupt or truncated ({reason})") from None
     _check_sum(data, checksums.get(WEIGHTS), WEIGHTS, where, verify)
     _check_values(weights, f"{where}/{WEIGHTS}")
-    runtime.require_memory(4 * parameter_count(config), "cpu", f"{where}'s model")
-    model = skeleton(config, attn_impl)  # no random init of weights to be replaced
-    try:
-        checkpoint.check_weights(model.state_dict(), weights, Path(where) / WEIGHTS)
-    except CheckpointError as error:
-        raise HubError(str(error)) from None
-    model.load_state_dict(weights, assign=True)
-    return Pretrained(model.eval(), vocab, info, run_config, directory)
+    step = info.get("step")
+    return info, checkpoint.Checkpoint(
+        config=config,
+        weights=weights,
+        vocab=vocab,
+        meta={"step": step} if step is not None else {},
+        run_config=run_config,
+        path=Path(where) / WEIGHTS,
+    )
 
 
 def _read_file(directory: Path, name: str, where: str, why: str = "") -> bytes:

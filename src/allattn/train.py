@@ -500,13 +500,24 @@ RESUMABLE_MODEL_FIELDS = frozenset(
 and runtime sections may all change."""
 
 
+def _architecture_change(
+    saved: ModelConfig, wanted: ModelConfig, ignore: tuple[str, ...] = ()
+) -> tuple[str, Any, Any] | None:
+    """The first model field other than the training-only ones (and `ignore`) whose value
+    differs: (name, saved value, wanted value), or None."""
+    old, new = saved.to_dict(), wanted.to_dict()
+    for name in old:
+        if old[name] != new[name] and name not in RESUMABLE_MODEL_FIELDS and name not in ignore:
+            return name, old[name], new[name]
+    return None
+
+
 def _check_resumable(saved: RunConfig, wanted: RunConfig) -> None:
-    old, new = saved.model.to_dict(), wanted.model.to_dict()
-    changed = [k for k in old if old[k] != new[k] and k not in RESUMABLE_MODEL_FIELDS]
-    if changed:
+    change = _architecture_change(saved.model, wanted.model)
+    if change is not None:
+        name, old, new = change
         raise ConfigError(
-            f"cannot change --model.{changed[0]} when resuming "
-            f"({old[changed[0]]} in the checkpoint, {new[changed[0]]} asked)"
+            f"cannot change --model.{name} when resuming ({old} in the checkpoint, {new} asked)"
         )
     if wanted.train.exact_resume and saved.train.seed != wanted.train.seed:
         raise ConfigError(
@@ -674,14 +685,13 @@ def _initial_weights(config: RunConfig, corpus: Corpus, verify: bool) -> checkpo
             f"{saved.path} has {saved.config.vocab_size} tokens and no vocabulary; {data} has "
             f"{corpus.vocab.describe()}"
         )
-    old, new = saved.config.to_dict(), config.model.to_dict()
-    changed = [
-        k for k in old if old[k] != new[k] and k not in (*RESUMABLE_MODEL_FIELDS, "vocab_size")
-    ]
-    if changed:
+    # The vocabulary size is the data's (checked above against the vocabulary).
+    change = _architecture_change(saved.config, config.model, ignore=("vocab_size",))
+    if change is not None:
+        name, old, new = change
         raise CheckpointError(
-            f"{saved.path}: its model has {changed[0]} {old[changed[0]]}, the run "
-            f"{new[changed[0]]} (--train.init_from keeps the checkpoint's model)"
+            f"{saved.path}: its model has {name} {old}, the run {new} (--train.init_from "
+            "keeps the checkpoint's model)"
         )
     return saved
 
